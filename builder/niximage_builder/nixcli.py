@@ -1,0 +1,206 @@
+"""Adapter around the Nix command line: realise packages, read closure graphs.
+
+Imports closure, sources, imagespec and errors. Every Nix process runs in its own process
+group with a wall-clock timeout and an optional cancel event; on either, the whole group
+is killed so no builder is left running. stderr is kept (its tail) for error messages, and
+failures are classified: packages not found (all names), evaluation error, build failure,
+timeout, Nix missing.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from niximage_builder import closure
+from niximage_builder.errors import (
+    NixFailure,
+    NixMissing,
+    NixTimeout,
+    PackagesNotFound,
+)
+from niximage_builder.imagespec import ImageSpec
+from niximage_builder.sources import GitSource, NixpkgsSource, PathSource
+
+NIX_DIR = Path(__file__).resolve().parents[2] / "nix"
+"""The repository's nix/ folder (prepare-image.nix, the offline package set)."""
+
+_NOT_FOUND = re.compile(r"niximage-not-found:(\[[^\]]*\])")
+_BUILD_FAILURE = re.compile(
+    r"builder for .* failed|cannot build|is required to build|build of .* failed|"
+    r"failed to build|Cannot build",
+)
+_STDERR_TAIL = 8000
+_NIX = ("--extra-experimental-features", "nix-command")
+
+
+@dataclass(frozen=True)
+class NixSettings:
+    timeout: float = 3600.0
+    """Wall-clock seconds for one Nix invocation (evaluation, builds and downloads)."""
+    nix_dir: Path = NIX_DIR
+    """Folder holding prepare-image.nix."""
+    extra_args: tuple[str, ...] = field(default_factory=tuple)
+    """Extra arguments for nix-build, e.g. ``("--option", "max-jobs", "4")``."""
+
+
+@dataclass(frozen=True)
+class Realised:
+    roots: tuple[str, ...]
+    graph: closure.ClosureGraph
+    timings: dict[str, float]
+
+
+def run_nix(
+    argv: list[str], timeout: float, cancel: threading.Event | None = None
+) -> tuple[str, str]:
+    """Run a Nix command; return (stdout, stderr) or raise a classified error.
+
+    The child gets its own session (process group) so that a timeout or cancellation
+    kills Nix *and* the builders it started.
+    """
+    try:
+        proc = subprocess.Popen(
+            argv,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+            text=True,
+        )
+    except FileNotFoundError as exc:
+        raise NixMissing(f"Nix is not installed or not on PATH ({argv[0]} not found)") from exc
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            stdout, stderr = proc.communicate(timeout=0.1)
+            break
+        except subprocess.TimeoutExpired:
+            cancelled = cancel is not None and cancel.is_set()
+            if cancelled or time.monotonic() >= deadline:
+                _kill_group(proc)
+                what = "cancelled" if cancelled else f"timed out after {timeout:g} s"
+                raise NixTimeout(
+                    f"{Path(argv[0]).name} {what}; its processes were killed"
+                ) from None
+    if proc.returncode != 0:
+        raise classify_failure(stderr)
+    return stdout, stderr
+
+
+def _kill_group(proc: subprocess.Popen[str]) -> None:
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            break
+        try:
+            proc.communicate(timeout=3)
+            # The leader is gone; children of the group may linger: make sure.
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            break
+        except subprocess.TimeoutExpired:
+            continue
+        break
+    if proc.poll() is None:
+        proc.kill()
+        proc.wait()
+
+
+def classify_failure(stderr: str) -> Exception:
+    """Turn a failed Nix run's stderr into the matching error. Pure."""
+    found = _NOT_FOUND.search(stderr)
+    if found:
+        return PackagesNotFound(json.loads(found.group(1)))
+    tail = stderr[-_STDERR_TAIL:]
+    message = _first_error_line(stderr)
+    if _BUILD_FAILURE.search(stderr):
+        return NixFailure("BuildFailed", f"Nix build failed: {message}", tail)
+    return NixFailure("EvalError", f"Nix evaluation failed: {message}", tail)
+
+
+def _first_error_line(stderr: str) -> str:
+    for line in stderr.splitlines():
+        text = line.strip()
+        if text.startswith("error:"):
+            rest = text[len("error:") :].strip()
+            return rest or text
+    lines = [line for line in stderr.splitlines() if line.strip()]
+    return lines[-1].strip() if lines else "no output from Nix"
+
+
+def source_args(source: PathSource | NixpkgsSource | GitSource) -> tuple[str, str]:
+    """(srcType, srcArgs JSON) for prepare-image.nix."""
+    return source.type, json.dumps(source.model_dump(mode="json", exclude={"type"}))
+
+
+def pin_source(
+    source: PathSource | NixpkgsSource | GitSource, settings: NixSettings
+) -> PathSource | NixpkgsSource | GitSource:
+    """Pin a local path by the NAR hash of its contents, so the build key changes when
+    the package set does; channels and refs stay unpinned (not resolvable offline)."""
+    if isinstance(source, PathSource) and source.narHash is None:
+        if not Path(source.path).is_dir():
+            raise NixFailure("EvalError", f"package source {source.path} is not a directory")
+        stdout, _ = run_nix(
+            ["nix", *_NIX, "hash", "path", "--type", "sha256", "--sri", source.path],
+            settings.timeout,
+        )
+        return source.model_copy(update={"narHash": stdout.strip()})
+    return source
+
+
+def realise(
+    spec: ImageSpec, settings: NixSettings, cancel: threading.Event | None = None
+) -> Realised:
+    """Build the spec's packages and read their runtime closure graph."""
+    src_type, src_args = source_args(spec.source)
+    started = time.monotonic()
+    stdout, _ = run_nix(
+        [
+            "nix-build",
+            str(settings.nix_dir / "prepare-image.nix"),
+            "-A",
+            "contents",
+            "--no-out-link",
+            "--argstr",
+            "packages",
+            json.dumps(list(spec.packages)),
+            "--argstr",
+            "system",
+            spec.system,
+            "--argstr",
+            "srcType",
+            src_type,
+            "--argstr",
+            "srcArgs",
+            src_args,
+            *settings.extra_args,
+        ],
+        settings.timeout,
+        cancel,
+    )
+    built = time.monotonic()
+    roots = tuple(sorted({line.strip() for line in stdout.splitlines() if line.strip()}))
+    graph = closure_graph(roots, settings, cancel)
+    return Realised(
+        roots, graph, {"nixBuild": built - started, "closure": time.monotonic() - built}
+    )
+
+
+def closure_graph(
+    roots: tuple[str, ...], settings: NixSettings, cancel: threading.Event | None = None
+) -> closure.ClosureGraph:
+    """``nix path-info --json --recursive``: a list in Nix 2.8, an object in newer Nix."""
+    stdout, _ = run_nix(
+        ["nix", *_NIX, "path-info", "--json", "--recursive", *roots], settings.timeout, cancel
+    )
+    return closure.ClosureGraph(roots, closure.parse_entries(json.loads(stdout)))

@@ -1,0 +1,120 @@
+"""The storage interface every backend implements. Imports digest and errors only.
+
+Layout (both backends, DESIGN.md §3):
+
+    blobs/sha256/<hex>          layers, configs, manifests: content-addressed, immutable
+    layers/<layer key>          JSON metadata of a built layer
+    builds/<build key>          JSON build result
+    tags/<repository>/<tag>     the manifest digest a tag points at
+
+Blobs become visible only complete and verified (``BlobWriter.commit``); metadata objects
+are small and replaced atomically. Content types are not stored: a manifest carries its
+own ``mediaType`` and every other blob is ``application/octet-stream``.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator
+from contextlib import AbstractContextManager
+from typing import BinaryIO, Protocol
+
+from niximage_builder.digest import Digest
+from niximage_builder.errors import InvalidInput
+
+# Metadata keys: slash-separated parts of safe characters, no empty, "." or ".." part.
+_KEY_PART = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]*")
+
+
+def check_key(key: str) -> str:
+    """Validate a metadata key (``tags/a/b/latest``); hostile keys never reach a backend."""
+    parts = key.split("/")
+    if len(key) > 1024 or len(parts) < 2 or not all(_KEY_PART.fullmatch(p) for p in parts):
+        raise InvalidInput(f"invalid storage key: {key[:200]!r}")
+    if parts[0] not in ("layers", "builds", "tags", "gc"):
+        raise InvalidInput(f"invalid storage key prefix: {key[:200]!r}")
+    return key
+
+
+def blob_key(digest: Digest) -> str:
+    return f"blobs/sha256/{digest.hex}"
+
+
+class BlobWriter(Protocol):
+    """A blob being written. Nothing is visible until ``commit`` verified the digest."""
+
+    def write(self, data: bytes) -> None: ...
+
+    def commit(self, expected: Digest) -> None:
+        """Check the bytes written hash to ``expected``, then publish them atomically.
+
+        Raises ``StorageError`` on a mismatch or a backend failure; the blob stays invisible.
+        Publishing a blob that already exists is a success (content addressing).
+        """
+        ...
+
+
+class Storage(Protocol):
+    """What the builder, the registry, gc and the operator need from storage."""
+
+    url: str
+    """Where this storage lives, e.g. ``/var/lib/niximage`` or ``gs://bucket/prefix``."""
+
+    # blobs
+    def blob_size(self, digest: Digest) -> int | None:
+        """Size of a committed blob, or None when it does not exist."""
+        ...
+
+    def open_blob(self, digest: Digest) -> BinaryIO:
+        """Open a committed blob for reading; raises ``NotFound``."""
+        ...
+
+    def blob_writer(self) -> AbstractContextManager[BlobWriter]:
+        """A writer for a new blob; leaving the block without ``commit`` discards it."""
+        ...
+
+    def put_blob(self, data: bytes) -> Digest:
+        """Store small bytes (configs, manifests) and return their digest."""
+        ...
+
+    def delete_blob(self, digest: Digest) -> None: ...
+
+    def list_blobs(self) -> Iterator[tuple[Digest, int, float]]:
+        """Every committed blob: digest, size, modification time (epoch seconds)."""
+        ...
+
+    # metadata
+    def read(self, key: str) -> bytes | None:
+        """A metadata object, or None when absent."""
+        ...
+
+    def write(self, key: str, data: bytes) -> None:
+        """Create or atomically replace a metadata object."""
+        ...
+
+    def delete(self, key: str) -> None:
+        """Remove a metadata object; absent is fine."""
+        ...
+
+    def list(self, prefix: str) -> Iterator[str]:
+        """Keys under ``prefix`` (e.g. ``tags/``), sorted."""
+        ...
+
+    def close(self) -> None: ...
+
+
+class LocalBlobs(Protocol):
+    """Optional: a backend whose blobs are local files (the registry uses sendfile)."""
+
+    def blob_file(self, digest: Digest) -> str | None: ...
+
+
+class SignedBlobs(Protocol):
+    """Optional: a backend that can hand out short-lived GET URLs for blobs."""
+
+    def signed_blob_url(self, digest: Digest, ttl_seconds: int) -> str | None: ...
+
+
+def iter_chunks(stream: BinaryIO, size: int = 1 << 20) -> Iterator[bytes]:
+    while chunk := stream.read(size):
+        yield chunk

@@ -1,0 +1,72 @@
+# Resolves the requested packages of an image against a package source.
+#
+# Every input is data passed with --argstr (never spliced into Nix source):
+#   packages  JSON list of attribute paths, e.g. ["jq", "python3.pkgs.six"]
+#   system    Nix system of the image, e.g. "x86_64-linux"
+#   srcType   "path" | "nixpkgs" | "git"
+#   srcArgs   JSON object: {path, narHash?} | {channel} | {url, rev?, ref?}
+#
+# `nix-build -A contents` realises the requested packages and prints their store paths;
+# if any name does not resolve, evaluation fails with ONE error naming all of them,
+# marked `niximage-not-found:<JSON list>` so the caller can report every missing package
+# at once (Nix itself would stop at the first). The runtime closure graph is then read
+# with `nix path-info --json --recursive` on those paths.
+{ packages, system ? builtins.currentSystem, srcType ? "path", srcArgs ? "{}" }:
+
+let
+  args = builtins.fromJSON srcArgs;
+  requested = builtins.fromJSON packages;
+
+  source =
+    if srcType == "path" then
+      (if args ? narHash && args.narHash != null
+       then builtins.path { path = /. + args.path; name = "source"; sha256 = args.narHash; }
+       else /. + args.path)
+    else if srcType == "nixpkgs" then
+      builtins.fetchTarball "https://github.com/NixOS/nixpkgs/archive/${args.channel}.tar.gz"
+    else if srcType == "git" then
+      builtins.fetchGit ({ url = args.url; }
+        // (if args ? rev && args.rev != null then { rev = args.rev; allRefs = true; } else { })
+        // (if args ? ref && args.ref != null then { ref = args.ref; } else { }))
+    else throw "niximage: unknown package source type ${srcType}";
+
+  pkgs = import source { inherit system; };
+
+  upper = [ "A" "B" "C" "D" "E" "F" "G" "H" "I" "J" "K" "L" "M" "N" "O" "P" "Q" "R" "S" "T" "U" "V" "W" "X" "Y" "Z" ];
+  lower = [ "a" "b" "c" "d" "e" "f" "g" "h" "i" "j" "k" "l" "m" "n" "o" "p" "q" "r" "s" "t" "u" "v" "w" "x" "y" "z" ];
+  toLower = builtins.replaceStrings upper lower;
+
+  # Candidate attribute names for one part of a path, in order of preference:
+  # the name itself, a leading digit prefixed with "_" (Nixery: 1password → _1password),
+  # then attributes that match case-insensitively (registry names are lowercase).
+  candidates = set: part:
+    let
+      digitFixed = if builtins.match "[0-9].*" part != null then [ ("_" + part) ] else [ ];
+      caseless = builtins.filter (n: toLower n == toLower part) (builtins.attrNames set);
+    in [ part ] ++ digitFixed ++ caseless;
+
+  lookup = set: parts:
+    if parts == [ ] then { found = true; value = set; }
+    else if !(builtins.isAttrs set) then { found = false; }
+    else
+      let hits = builtins.filter (c: set ? ${c}) (candidates set (builtins.head parts));
+      in if hits == [ ] then { found = false; }
+         else lookup set.${builtins.head hits} (builtins.tail parts);
+
+  resolve = name:
+    let
+      result = lookup pkgs (builtins.filter builtins.isString (builtins.split "\\." name));
+      # A name that exists but is null, or is not a derivation, is not a package either.
+      isPackage = result.found && result.value != null
+        && builtins.isAttrs result.value && (result.value.type or null) == "derivation";
+    in { inherit name; ok = isPackage; value = result.value or null; };
+
+  resolved = map resolve requested;
+  missing = map (r: r.name) (builtins.filter (r: !r.ok) resolved);
+in
+{
+  inherit missing;
+  contents =
+    if missing != [ ] then throw "niximage-not-found:${builtins.toJSON missing}"
+    else map (r: r.value) resolved;
+}

@@ -1,0 +1,1 @@
+"""niximage operator: reconciles NixImage resources into builder pods and status."""

@@ -1,0 +1,133 @@
+"""The Nix adapter: failure classification (pure) and real Nix runs on tiny package sets."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import threading
+import time
+from pathlib import Path
+
+import pytest
+from niximage_builder import imagespec, nixcli, sources
+from niximage_builder.errors import NixFailure, NixMissing, NixTimeout, PackagesNotFound
+
+needs_nix = pytest.mark.skipif(shutil.which("nix-build") is None, reason="Nix is not installed")
+
+
+def test_not_found_marker_lists_every_name() -> None:
+    stderr = 'error: niximage-not-found:["nope","python3.nope"]\n(use --show-trace)'
+    error = nixcli.classify_failure(stderr)
+    assert isinstance(error, PackagesNotFound)
+    assert error.names == ["nope", "python3.nope"]
+
+
+def test_build_failure_is_classified() -> None:
+    stderr = (
+        "building '/nix/store/x.drv'...\n"
+        "error: builder for '/nix/store/x.drv' failed with exit code 1"
+    )
+    error = nixcli.classify_failure(stderr)
+    assert isinstance(error, NixFailure) and error.kind == "BuildFailed"
+    assert "exit code 1" in str(error)
+
+
+def test_eval_error_is_classified() -> None:
+    error = nixcli.classify_failure("error: undefined variable 'foo'\n at x.nix:1:1")
+    assert isinstance(error, NixFailure) and error.kind == "EvalError"
+    assert "undefined variable 'foo'" in str(error)
+
+
+def test_missing_nix_binary() -> None:
+    with pytest.raises(NixMissing, match="not installed"):
+        nixcli.run_nix(["/nonexistent/nix-build"], timeout=5)
+
+
+SLOW_SET = """
+{ system ? builtins.currentSystem }:
+let
+  tools = builtins.path { path = ./tools; name = "tools"; };
+  sh = "${tools}/busybox";
+in {
+  cacert = derivation { name = "cacert"; inherit system; builder = sh;
+    args = [ "sh" "-c" "${sh} mkdir $out" ]; };
+  iana-etc = derivation { name = "iana-etc"; inherit system; builder = sh;
+    args = [ "sh" "-c" "${sh} mkdir $out" ]; };
+  slow = derivation { name = "slow-MARKER"; inherit system; builder = sh;
+    args = [ "sh" "-c" "${sh} sleep 300; ${sh} mkdir $out" ]; };
+  broken = derivation { name = "broken"; inherit system; builder = sh;
+    args = [ "sh" "-c" "exit 3" ]; };
+  evalerror = throw "this package is marked broken";
+}
+"""
+
+
+@pytest.fixture
+def slow_set(tmp_path: Path) -> Path:
+    busybox = shutil.which("busybox")
+    if busybox is None:
+        pytest.skip("busybox-static is not installed")
+    (tmp_path / "tools").mkdir()
+    shutil.copy(busybox, tmp_path / "tools" / "busybox")
+    # A unique sleep length lets the test find (or not) the builder's process afterwards.
+    seconds = str(1000 + os.getpid() % 100000)
+    (tmp_path / "default.nix").write_text(
+        SLOW_SET.replace("MARKER", seconds).replace("300", seconds)
+    )
+    return tmp_path
+
+
+def _spec(directory: Path, *packages: str) -> imagespec.ImageSpec:
+    return imagespec.make_spec(list(packages), sources.parse_source(f"path:{directory}"))
+
+
+def _running(marker: str) -> list[str]:
+    out = subprocess.run(["ps", "-eo", "pid,args"], capture_output=True, text=True).stdout
+    return [line for line in out.splitlines() if marker in line and "ps -eo" not in line]
+
+
+@needs_nix
+@pytest.mark.nix
+def test_timeout_kills_the_whole_process_group(slow_set: Path) -> None:
+    # Without killing the group, Nix's builder (busybox sleep) would outlive nix-build.
+    seconds = (slow_set / "default.nix").read_text().split("slow-")[1].split('"')[0]
+    started = time.monotonic()
+    with pytest.raises(NixTimeout, match="timed out after 3 s"):
+        nixcli.realise(_spec(slow_set, "slow"), nixcli.NixSettings(timeout=3))
+    assert time.monotonic() - started < 15
+    time.sleep(0.5)
+    assert _running(f"sleep {seconds}") == []
+
+
+@needs_nix
+@pytest.mark.nix
+def test_cancel_event_stops_nix(slow_set: Path) -> None:
+    cancel = threading.Event()
+    threading.Timer(1.0, cancel.set).start()
+    with pytest.raises(NixTimeout, match="cancelled"):
+        nixcli.realise(_spec(slow_set, "slow"), nixcli.NixSettings(timeout=60), cancel)
+
+
+@needs_nix
+@pytest.mark.nix
+def test_build_failure_and_eval_error(slow_set: Path) -> None:
+    settings = nixcli.NixSettings(timeout=60)
+    with pytest.raises(NixFailure) as build:
+        nixcli.realise(_spec(slow_set, "broken"), settings)
+    assert build.value.kind == "BuildFailed"
+    with pytest.raises(NixFailure) as evaluation:
+        nixcli.realise(_spec(slow_set, "evalerror"), settings)
+    assert evaluation.value.kind == "EvalError"
+    assert "marked broken" in str(evaluation.value)
+
+
+@needs_nix
+@pytest.mark.nix
+def test_pinning_a_path_source_tracks_its_contents(slow_set: Path) -> None:
+    settings = nixcli.NixSettings(timeout=60)
+    source = sources.parse_source(f"path:{slow_set}")
+    first = nixcli.pin_source(source, settings)
+    assert first.pinned and nixcli.pin_source(source, settings) == first
+    (slow_set / "extra.nix").write_text("{}")
+    assert nixcli.pin_source(source, settings) != first
