@@ -10,7 +10,8 @@ Only a *pinned* source makes a build reusable across time (DESIGN.md §2): a com
 local path together with the NAR hash of its contents. An unpinned source is resolved by
 the Nix adapter before the build key is computed.
 
-Text form (CLI flags, operator settings): ``path:/dir``, ``nixpkgs:nixos-24.05``,
+Text form (CLI flags, operator settings): ``path:/dir`` (pinned: ``path:/dir#sha256-…``,
+the form ``str()`` gives, so a pinned source survives a round trip), ``nixpkgs:nixos-24.05``,
 ``nixpkgs:<commit>``, ``git:https://host/repo.git#<rev-or-ref>``; a bare absolute path
 means ``path:``.
 """
@@ -59,7 +60,7 @@ class PathSource(_Source):
         return self.narHash is not None
 
     def __str__(self) -> str:
-        return f"path:{self.path}"
+        return f"path:{self.path}" + (f"#{self.narHash}" if self.narHash else "")
 
 
 class NixpkgsSource(_Source):
@@ -114,7 +115,8 @@ class GitSource(_Source):
         return self.rev is not None
 
     def __str__(self) -> str:
-        return f"git:{self.url}#{self.rev or self.ref or 'HEAD'}"
+        revision = self.rev or self.ref
+        return f"git:{self.url}" + (f"#{revision}" if revision else "")
 
 
 PackageSource = Annotated[PathSource | NixpkgsSource | GitSource, Field(discriminator="type")]
@@ -142,7 +144,8 @@ def _from_text(text: str) -> dict[str, Any]:
             " or git:<url>#<rev|ref>"
         )
     if kind == "path":
-        return {"type": "path", "path": rest}
+        path, _, nar_hash = rest.partition("#")
+        return {"type": "path", "path": path, "narHash": nar_hash or None}
     if kind == "nixpkgs":
         return {"type": "nixpkgs", "channel": rest}
     if kind == "git":

@@ -85,6 +85,7 @@ def test_systems() -> None:
     [
         ("/srv/pkgs", "path", False),
         ("path:/srv/pkgs", "path", False),
+        ("path:/srv/pkgs#sha256-Pco8fJQLrvj/kHkhBVnyHxfCvXAjSlhEWaZB3VMtgYM=", "path", True),
         ("nixpkgs:nixos-24.05", "nixpkgs", False),
         ("nixpkgs:" + "c" * 40, "nixpkgs", True),
         ("git:https://example.org/p.git#" + "d" * 40, "git", True),
@@ -96,6 +97,7 @@ def test_sources(text: str, kind: str, pinned: bool) -> None:
     source = sources.parse_source(text)
     assert source.type == kind
     assert source.pinned is pinned
+    assert sources.parse_source(str(source)) == source
 
 
 @pytest.mark.parametrize(

@@ -1,0 +1,94 @@
+"""``niximage export``: copy an image from storage into an OCI image layout directory.
+
+Imports manifest, reference, digest and the storage interface. Every blob is re-hashed as
+it is copied, so a corrupted store is caught here rather than by the client.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+from niximage_builder import build, manifest
+from niximage_builder.digest import Digest
+from niximage_builder.errors import NotFound, StorageError
+from niximage_builder.reference import ImageRef
+from niximage_builder.storage.base import Storage, iter_chunks
+
+LAYOUT_VERSION = {"imageLayoutVersion": "1.0.0"}
+
+
+def resolve(storage: Storage, ref: ImageRef) -> Digest:
+    if ref.digest is not None:
+        return ref.digest
+    assert ref.tag is not None
+    digest = build.read_tag(storage, ref.repository, ref.tag)
+    if digest is None:
+        raise NotFound(f"no tag {ref} in {storage.url}")
+    return digest
+
+
+def export_layout(storage: Storage, ref: ImageRef, directory: Path) -> Digest:
+    """Write (or add to) an OCI layout; the image is named by its tag in index.json."""
+    digest = resolve(storage, ref)
+    manifest_bytes = _read_small(storage, digest)
+    media_type = manifest.media_type_of(manifest_bytes)
+    if media_type is None:
+        raise StorageError(f"{digest} is not an image manifest")
+    document = json.loads(manifest_bytes)
+    blobs = [Digest.parse(document["config"]["digest"])]
+    blobs += [Digest.parse(layer["digest"]) for layer in document["layers"]]
+    (directory / "blobs" / "sha256").mkdir(parents=True, exist_ok=True)
+    for blob in [digest, *blobs]:
+        _copy_blob(storage, blob, directory)
+    (directory / "oci-layout").write_text(json.dumps(LAYOUT_VERSION))
+    _add_to_index(directory, digest, media_type, len(manifest_bytes), ref.tag or "latest")
+    return digest
+
+
+def _read_small(storage: Storage, digest: Digest) -> bytes:
+    with storage.open_blob(digest) as stream:
+        data = stream.read()
+    if Digest.of(data) != digest:
+        raise StorageError(f"blob {digest} in {storage.url} does not match its digest")
+    return data
+
+
+def _copy_blob(storage: Storage, digest: Digest, directory: Path) -> None:
+    target = directory / "blobs" / "sha256" / digest.hex
+    if target.exists():
+        return
+    partial = target.with_name(f".{digest.hex}.partial")
+    hasher = hashlib.sha256()
+    with storage.open_blob(digest) as source, open(partial, "wb") as out:
+        for chunk in iter_chunks(source):
+            hasher.update(chunk)
+            out.write(chunk)
+    if hasher.hexdigest() != digest.hex:
+        partial.unlink()
+        raise StorageError(f"blob {digest} in {storage.url} does not match its digest")
+    os.replace(partial, target)
+
+
+def _add_to_index(directory: Path, digest: Digest, media_type: str, size: int, name: str) -> None:
+    index_file = directory / "index.json"
+    index = (
+        json.loads(index_file.read_text())
+        if index_file.exists()
+        else {"schemaVersion": 2, "mediaType": manifest.OCI_INDEX, "manifests": []}
+    )
+    annotation = "org.opencontainers.image.ref.name"
+    index["manifests"] = [
+        m for m in index["manifests"] if m.get("annotations", {}).get(annotation) != name
+    ]
+    index["manifests"].append(
+        {
+            "mediaType": media_type,
+            "digest": str(digest),
+            "size": size,
+            "annotations": {annotation: name},
+        }
+    )
+    index_file.write_text(json.dumps(index, indent=2))

@@ -1,0 +1,102 @@
+"""The image's top layer: a symlink forest of the requested packages (DESIGN.md §4 step 5).
+
+Like nixpkgs' ``symlinkJoin`` (``lndir`` over every root), which Nixery builds in Nix
+(research/nixery.md §2.3), but computed here from the store directly:
+
+- Each root store path is walked in the order given. Its directories become real
+  directories of the forest (mode 0755), merged with those of other roots; every file or
+  symlink becomes a symlink to its absolute store path, e.g.
+  ``bin/jq -> /nix/store/<hash>-jq/bin/jq``. Symlinks in a root are not followed: the forest
+  points at the store symlink, which resolves at run time.
+- On a conflict the first root wins: a name already taken (by a file or symlink, or a
+  directory against a later file) keeps its first entry and the later one is dropped,
+  with its whole subtree when it is a directory. Only directories merge with directories.
+  The caller should pass roots in a canonical order (the image spec's sorted packages) so
+  the winner does not depend on how the user listed them.
+- A root that is not a directory (a single-file store path, or a store path that is
+  itself a symlink) has nothing to merge and is skipped; it is still in its own layer.
+- Always ``tmp/`` (mode 1777, empty unless a root brings a ``tmp`` directory) and
+  ``usr/bin/env -> /bin/env``, so ``#!/usr/bin/env`` scripts work whenever some package
+  provides ``bin/env`` (coreutils, busybox); without one the link dangles, harmlessly.
+  A root's own ``usr/bin/env`` takes precedence.
+
+Only the requested packages are merged; their dependencies live under ``/nix/store`` in the
+lower layers, which is where the forest's links point.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+
+from niximage_builder.compression import Compression
+from niximage_builder.tarball import (
+    Entry,
+    PackedLayer,
+    PackError,
+    SupportsWrite,
+    normalize,
+    pack_entries,
+)
+
+DIR_MODE = 0o755
+TMP = Entry.directory("tmp", 0o1777)
+ENV_LINK = Entry.symlink("usr/bin/env", "/bin/env")
+
+
+def _roots_in_order(roots: Sequence[str]) -> list[str]:
+    """Absolute, normalised, first occurrence kept: the order decides conflicts."""
+    seen: dict[str, None] = {}
+    for root in roots:
+        if not os.path.isabs(root):
+            raise PackError(f"not an absolute store path: {root!r}")
+        seen.setdefault(os.path.normpath(root), None)
+    return list(seen)
+
+
+def _merge_root(root: str, forest: dict[str, Entry]) -> None:
+    """Add one root's tree to the forest; names already taken are left alone."""
+    pending = [(root, "")]
+    while pending:
+        directory, prefix = pending.pop()
+        with os.scandir(directory) as listing:
+            children = sorted(listing, key=lambda child: child.name)
+        for child in children:
+            name = f"{prefix}/{child.name}" if prefix else child.name
+            known = forest.get(name)
+            if child.is_dir(follow_symlinks=False):
+                if known is None:
+                    forest[name] = Entry.directory(name, DIR_MODE)
+                if forest[name].kind == "dir":
+                    pending.append((child.path, name))
+            elif known is None:
+                forest[name] = Entry.symlink(name, child.path)
+
+
+def _add_env_link(forest: dict[str, Entry]) -> None:
+    """``usr/bin/env -> /bin/env`` unless a root provides it or blocks ``usr``/``usr/bin``."""
+    for name in ("usr", "usr/bin"):
+        known = forest.setdefault(name, Entry.directory(name, DIR_MODE))
+        if known.kind != "dir":
+            return
+    forest.setdefault(ENV_LINK.name, ENV_LINK)
+
+
+def forest_entries(roots: Sequence[str]) -> list[Entry]:
+    """The top layer's entries for these roots, sorted (see the module doc for the rules)."""
+    forest: dict[str, Entry] = {TMP.name: TMP}
+    for root in _roots_in_order(roots):
+        try:
+            if not os.path.isdir(root) or os.path.islink(root):
+                continue
+            _merge_root(root, forest)
+        except OSError as err:
+            raise PackError(f"{err.filename or root}: {err.strerror}") from err
+    _add_env_link(forest)
+    return normalize(forest.values())
+
+
+def pack_top_layer(roots: Sequence[str], sink: SupportsWrite,
+                   compression: Compression = "gzip", level: int | None = None) -> PackedLayer:
+    """Pack the symlink forest of ``roots`` into ``sink``; the caller commits the digest."""
+    return pack_entries(forest_entries(roots), sink, compression, level)
