@@ -59,23 +59,26 @@ class DiscardSink:
 _SOURCES = ("/usr/lib", "/usr/bin", "/usr/share", "/usr/libexec", "/usr/sbin")
 
 
-def _host_files() -> Iterator[Path]:
-    """Host files in a fixed order: ELF binaries, shared libraries, text, data."""
+def _host_files() -> list[Path]:
+    """Host files in a fixed pseudo-random order (by hash of the path), so any prefix of
+    the list is a fair mix of ELF binaries, shared libraries, scripts, text and data."""
+    found: list[Path] = []
     for top in _SOURCES:
-        for directory, dirs, files in os.walk(top):
-            dirs.sort()
-            for name in sorted(files):
+        for directory, _dirs, files in os.walk(top):
+            for name in files:
                 path = Path(directory, name)
                 if path.is_file() and not path.is_symlink() and os.access(path, os.R_OK):
-                    yield path
+                    found.append(path)
+    return sorted(found, key=lambda p: hashlib.sha256(os.fsencode(p)).digest())
 
 
 def make_synthetic(target: Path, megabytes: int, packages: int = 24) -> list[str]:
     """Fill ``target/store`` with fake store paths of copied host files (deterministic).
 
-    Files are dealt round-robin in runs of 64 so every package gets a similar mix of ELF
-    files and text; package sizes then vary because the host files do. A few symlinks and
-    empty directories make the trees look like real packages.
+    Files keep their place below /usr (``lib/...``, ``bin/...``, ``share/...``), and go to
+    the packages in runs of 64, so package sizes vary as real ones do. Modes are the
+    store's (0444/0555, directories 0555 afterwards); a few symlinks and an empty
+    directory per package make the trees look like real packages.
     """
     store = target / "store"
     roots = [store / f"{hashlib.sha256(str(i).encode()).hexdigest()[:32]}-pkg{i}"
@@ -87,11 +90,9 @@ def make_synthetic(target: Path, megabytes: int, packages: int = 24) -> list[str
         if written >= budget:
             break
         size = source.stat().st_size
-        if size == 0 or size > 64 * MB:
+        if size > 64 * MB:
             continue
-        root = roots[(index // 64) % packages]
-        relative = source.relative_to("/usr")
-        destination = root / relative
+        destination = roots[(index // 64) % packages] / source.relative_to("/usr")
         destination.parent.mkdir(parents=True, exist_ok=True)
         try:
             shutil.copyfile(source, destination)
@@ -101,6 +102,9 @@ def make_synthetic(target: Path, megabytes: int, packages: int = 24) -> list[str
         if index % 97 == 0:
             (destination.parent / (destination.name + ".link")).symlink_to(destination.name)
         written += size
+    for directory, _dirs, _files in os.walk(store):
+        os.chmod(directory, 0o555)
+    os.chmod(store, 0o755)
     return [str(root) for root in roots]
 
 
@@ -220,6 +224,13 @@ def _child(mode: str, args: argparse.Namespace, groups: list[list[str]]) -> dict
     return json.loads(out)
 
 
+def _remove(path: Path) -> None:
+    """rmtree that first makes the store-like 0555 directories writable again."""
+    for directory, _dirs, _files in os.walk(path):
+        os.chmod(directory, 0o755)
+    shutil.rmtree(path, ignore_errors=True)
+
+
 # --- main --------------------------------------------------------------------------------------
 
 
@@ -306,7 +317,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             Path(args.json).write_text(json.dumps(summary, indent=2))
     finally:
         if tmp:
-            shutil.rmtree(tmp, ignore_errors=True)
+            _remove(Path(tmp))
     return 0
 
 

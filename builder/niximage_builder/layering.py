@@ -138,13 +138,51 @@ def plan_layers(graph: ClosureGraph, popularity: Popularity | None = None, budge
     for p in sorted(graph.nodes):
         units.setdefault(head(p), []).append(p)
     usize = {h: sum(size[p] for p in m) for h, m in units.items()}
+    popu0 = pop or Popularity.empty()
+    def tier(h):
+        if not o.get("tiers"):
+            return 0
+        c = popu0.count_of_path(h) if pop is not None else len(referrers[h])
+        return c.bit_length()
+    def split(threshold):
+        keep = [h for h in units if usize[h] >= threshold]
+        bags = {}
+        for h in units:
+            if usize[h] < threshold:
+                bags.setdefault(tier(h), []).append(h)
+        return keep, bags
+    threshold = SMALL_LAYER
+    keep, bags = split(threshold)
+    if o.get("quant"):
+        while len(keep) + len(bags) > budget:
+            threshold *= o["quant"]
+            keep, bags = split(threshold)
+    popu1 = pop or Popularity.empty()
+    cnt1 = {p: popu1.count_of_path(p) if pop is not None else len(referrers[p]) for p in graph.nodes}
+    succ1 = {p: n.references for p, n in graph.nodes.items()}
+    tp1 = dict(cnt1)
+    for p in postorder(succ1, sorted(graph.nodes))[::-1]:
+        for r in succ1[p]:
+            tp1[r] = max(tp1[r], tp1[p])
+    anc1 = {p: 0 for p in graph.nodes}
+    if o.get("select") == "anc":
+        for p in graph.nodes:
+            for q in graph.closure_of([p]):
+                anc1[q] += 1
+    sel = o.get("select", "size")
+    if sel == "size":
+        keep.sort(key=lambda h: (usize[h], h))
+    elif sel == "cnt":
+        keep.sort(key=lambda h: (usize[h] * max(cnt1[h], 1), h))
+    elif sel == "tp":
+        keep.sort(key=lambda h: (usize[h] * max(tp1[h], 1), h))
+    elif sel == "anc":
+        keep.sort(key=lambda h: (usize[h] * anc1[h], h))
     bag = []
-    keep = []
-    for h in sorted(units):
-        (bag if usize[h] < SMALL_LAYER else keep).append(h)
-    keep.sort(key=lambda h: (usize[h], h))
-    while len(keep) + (1 if bag else 0) > budget:
+    while len(keep) + len(bags) + (1 if bag else 0) > budget:
         bag.append(keep.pop(0))
+    if bag:
+        bags.setdefault(-1, []).extend(bag)
     popu = pop or Popularity.empty()
     cnt = {p: popu.count_of_path(p) if pop is not None else len(referrers[p]) for p in graph.nodes}
     succ = {p: n.references for p, n in graph.nodes.items()}
@@ -176,7 +214,7 @@ def plan_layers(graph: ClosureGraph, popularity: Popularity | None = None, budge
         key = lambda h: (-ORACLE.get(h, 0), h)
     keep.sort(key=key)
     layers = [Layer(tuple(sorted(units[h])), usize[h]) for h in keep]
-    if bag:
-        paths = tuple(sorted(p for h in bag for p in units[h]))
+    for t in sorted(bags, reverse=True):
+        paths = tuple(sorted(p for h in bags[t] for p in units[h]))
         layers.append(Layer(paths, sum(size[p] for p in paths)))
     return layers

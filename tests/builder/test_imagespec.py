@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
+
 from niximage_builder import imagespec, sources
 from niximage_builder.errors import InvalidInput
 

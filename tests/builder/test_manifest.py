@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
+
 from niximage_builder import manifest, reference, resource, sources
 from niximage_builder.digest import Digest
 from niximage_builder.errors import InvalidInput, PackagesNotFound

@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 import pytest
+
 from niximage_builder import imagespec, nixcli, sources
 from niximage_builder.errors import NixFailure, NixMissing, NixTimeout, PackagesNotFound
 
