@@ -8,7 +8,7 @@ cd "$(dirname "$0")/.."
 debian_packages=(
   # Nix itself, and what the offline package set (nix/testpkgs) is made from
   nix-bin busybox-static patchelf bash jq openssl python3 nano moreutils coreutils
-  tzdata ca-certificates libsqlite3-0 libffi8 zlib1g libexpat1 libncursesw6
+  tzdata ca-certificates netbase libsqlite3-0 libffi8 zlib1g libexpat1 libncursesw6 ncurses-base
   # registry clients and the reference registry for tests and benchmarks
   skopeo umoci podman runc containerd docker-registry wrk
   # tools the tests use

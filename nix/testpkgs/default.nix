@@ -250,9 +250,9 @@ let
 
   # `bigSizeMB` MiB of files for tar/gzip throughput benchmarks: 1 MiB slices of a pool made
   # of the imported (not re-linked) Python standard library, libssl and coreutils, i.e.
-  # source text and machine code, compressible about as much as a real store path. Slices
-  # start at different offsets, so no two files are equal; one MiB in eight is cut into 16
-  # files of 64 KiB and one into 64 files of 16 KiB. No store references.
+  # source text and machine code, compressible about as much as a real store path (gzip -1:
+  # ~40%). Each slice starts at another offset; one MiB in eight is cut into 16 files of
+  # 64 KiB and one into 64 files of 16 KiB. No store references.
   big = mkPackage {
     name = "big";
     sizeMB = toString bigSizeMB;

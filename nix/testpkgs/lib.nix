@@ -8,7 +8,7 @@
 
 let
   inherit (builtins)
-    attrNames concatMap concatStringsSep elemAt filter hasAttr head isString listToAttrs
+    concatMap concatStringsSep elemAt filter hasAttr head isString listToAttrs
     map match pathExists readFile removeAttrs split stringLength substring;
 
   # The host's Debian architecture. Files are always the host's; `system` only labels the
@@ -55,7 +55,8 @@ rec {
   debFiles = { name, debs, root, exclude ? [ ] }:
     let
       prefix = root + "/";
-      excluded = p: filter (re: match re (substring (stringLength prefix) (-1) p) != null) exclude != [ ];
+      relative = p: substring (stringLength prefix) (stringLength p) p;
+      excluded = p: filter (re: match re (relative p) != null) exclude != [ ];
       wanted = filter (p: hasPrefix prefix p && !excluded p) (concatMap debFileList debs);
       keep = listToAttrs (map (p: { name = p; value = true; }) wanted);
     in
@@ -141,8 +142,4 @@ rec {
       # The imported host trees (store paths), e.g. as raw material for `big`.
       srcs = map (s: s.src) sources;
     };
-
-  # Attribute names of `set` whose values are derivations.
-  derivationNames = set:
-    filter (n: (set.${n}.type or null) == "derivation") (attrNames set);
 }
