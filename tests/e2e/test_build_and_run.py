@@ -4,6 +4,7 @@ and run in a chroot: the image really works, and builds are reproducible and cac
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 from pathlib import Path
 from typing import Any
@@ -77,10 +78,12 @@ def test_export_unpack_and_run(first_build: dict[str, Any], store: Path, tmp_pat
         ["umoci", "unpack", "--image", f"{layout}:1", str(bundle)], check=True, capture_output=True
     )
     rootfs = bundle / "rootfs"
+    chroot = shutil.which("chroot")
+    assert chroot is not None
 
     def run(command: str) -> str:
         return subprocess.run(
-            ["chroot", str(rootfs), "/bin/sh", "-c", command],
+            [chroot, str(rootfs), "/bin/sh", "-c", command],
             capture_output=True,
             text=True,
             check=True,
