@@ -26,14 +26,14 @@ def env() -> dict[str, str]:
 
 
 def niximage(
-    *args: str, check: bool = True, timeout: float = 600
+    *args: str, check: bool = True, timeout: float = 600, extra_env: dict[str, str] | None = None
 ) -> subprocess.CompletedProcess[str]:
     """Run the real ``niximage`` command line and return the finished process."""
     proc = subprocess.run(
         [sys.executable, "-m", "niximage_builder", *args],
         capture_output=True,
         text=True,
-        env=env(),
+        env={**env(), **(extra_env or {})},
         cwd=ROOT,
         timeout=timeout,
     )

@@ -53,10 +53,29 @@ def build_key_path(key: str) -> str:
     return check_key(f"builds/{key}")
 
 
-def tag_path(repository: str, tag: str) -> str:
+TAGS_DIR = "_tags"
+"""Between repository and tag: no repository component can be ``_tags`` (the name grammar
+starts components with a letter or digit), so ``shell`` tag ``git`` and ``shell/git`` tag
+``latest`` never collide, and a key is never also a directory on the filesystem backend."""
+
+
+def tag_prefix(repository: str) -> str:
+    """``tags/<repository>/_tags/``: every tag of one repository is listed under it."""
     reference.check_repository(repository)
+    return f"tags/{repository}/{TAGS_DIR}/"
+
+
+def tag_path(repository: str, tag: str) -> str:
     reference.check_tag(tag)
-    return check_key(f"tags/{repository}/{tag}")
+    return check_key(tag_prefix(repository) + tag)
+
+
+def list_tags(storage: Storage, repository: str) -> list[str]:
+    """The repository's tags, sorted (the registry's ``tags/list``)."""
+    prefix = tag_prefix(repository)
+    return sorted(
+        key[len(prefix) :] for key in storage.list(prefix) if "/" not in key[len(prefix) :]
+    )
 
 
 def cached_result(storage: Storage, key: str) -> BuildResult | None:

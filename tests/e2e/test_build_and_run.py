@@ -65,7 +65,7 @@ def test_build_result_describes_the_image(first_build: dict[str, Any], store: Pa
     assert set(first_build["timings"]) >= {"nixBuild", "layering", "packing", "total"}
     digest = first_build["manifestDigest"].split(":")[1]
     assert (store / "blobs" / "sha256" / digest).is_file()
-    assert (store / "tags" / "test" / "app" / "1").read_text() == first_build["manifestDigest"]
+    assert (store / "tags" / "test" / "app" / "_tags" / "1").read_text() == first_build["manifestDigest"]
 
 
 def test_export_unpack_and_run(first_build: dict[str, Any], store: Path, tmp_path: Path) -> None:
@@ -126,4 +126,4 @@ def test_build_from_a_nix_image_file(store: Path) -> None:
         "build", "-f", str(ROOT / "examples" / "jq.yaml"), "--storage", str(store)
     )
     assert result["ok"]
-    assert (store / "tags" / "jq" / "1.0").read_text() == result["manifestDigest"]
+    assert (store / "tags" / "jq" / "_tags" / "1.0").read_text() == result["manifestDigest"]

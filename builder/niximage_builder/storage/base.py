@@ -5,7 +5,7 @@ Layout (both backends, DESIGN.md §3):
     blobs/sha256/<hex>          layers, configs, manifests: content-addressed, immutable
     layers/<layer key>          JSON metadata of a built layer
     builds/<build key>          JSON build result
-    tags/<repository>/<tag>     the manifest digest a tag points at
+    tags/<repository>/_tags/<tag>  the manifest digest a tag points at (build.tag_path)
 
 Blobs become visible only complete and verified (``BlobWriter.commit``); metadata objects
 are small and replaced atomically. Content types are not stored: a manifest carries its

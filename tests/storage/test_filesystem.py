@@ -1,0 +1,143 @@
+"""Filesystem backend specifics: paths for sendfile, durability, permissions, crash debris."""
+
+from __future__ import annotations
+
+import os
+import stat
+import time
+from pathlib import Path
+
+import pytest
+
+from niximage_builder.digest import Digest
+from niximage_builder.errors import InvalidInput, StorageError
+from niximage_builder.storage import filesystem
+from niximage_builder.storage.filesystem import FilesystemStorage
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> FilesystemStorage:
+    return FilesystemStorage(tmp_path / "store")
+
+
+def files(root: Path) -> list[str]:
+    return sorted(p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file())
+
+
+def test_layout(store: FilesystemStorage) -> None:
+    digest = store.put_blob(b"blob")
+    store.write("tags/shell/latest", b"sha256:1")
+    assert files(store.root) == [f"blobs/sha256/{digest.hex}", "tags/shell/latest"]
+    assert (store.root / "tmp").is_dir()
+    assert store.url == str(store.root)
+
+
+def test_relative_root_becomes_absolute(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    assert FilesystemStorage("rel").url == str(tmp_path / "rel")
+
+
+def test_blob_file_is_the_committed_path(store: FilesystemStorage) -> None:
+    digest = store.put_blob(b"for sendfile")
+    path = store.blob_file(digest)
+    assert path is not None
+    assert Path(path).read_bytes() == b"for sendfile"
+    assert store.blob_file(Digest.of(b"absent")) is None
+
+
+def test_files_are_readable_by_other_users(store: FilesystemStorage) -> None:
+    # The registry sidecar may run as another uid than the builder.
+    digest = store.put_blob(b"blob")
+    store.write("builds/abc", b"{}")
+    for path in (store.root / "blobs/sha256" / digest.hex, store.root / "builds/abc"):
+        assert stat.S_IMODE(path.stat().st_mode) == 0o644
+
+
+def test_commit_syncs_the_file_then_the_directory(
+    store: FilesystemStorage, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    synced: list[str] = []
+    real_fsync = os.fsync
+
+    def fsync(fd: int) -> None:
+        kind = "dir" if stat.S_ISDIR(os.fstat(fd).st_mode) else "file"
+        published = any((store.root / name).exists() for name in published_names)
+        synced.append(f"{kind}{'-after-rename' if published else ''}")
+        real_fsync(fd)
+
+    monkeypatch.setattr(filesystem.os, "fsync", fsync)
+    published_names = [f"blobs/sha256/{Digest.of(b'durable').hex}"]
+    store.put_blob(b"durable")
+    assert synced == ["file", "dir-after-rename"]
+    synced.clear()
+    published_names = ["tags/a/b"]
+    store.write("tags/a/b", b"x")
+    assert synced == ["file", "dir-after-rename"]
+
+
+def test_failed_rename_leaves_nothing(
+    store: FilesystemStorage, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store.write("tags/a/b", b"old")
+
+    def replace(src: object, dst: object) -> None:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(filesystem.os, "replace", replace)
+    with pytest.raises(StorageError, match="No space left on device"):
+        store.put_blob(b"blob")
+    with pytest.raises(StorageError, match="No space left on device"):
+        store.write("tags/a/b", b"new")
+    monkeypatch.undo()
+    assert store.read("tags/a/b") == b"old"
+    assert list(store.list_blobs()) == []
+    assert files(store.root) == ["tags/a/b"]  # no temp files either
+
+
+def test_purge_stale_uploads(store: FilesystemStorage) -> None:
+    old, fresh = store.root / "tmp/blob-crashed", store.root / "tmp/blob-live"
+    old.write_bytes(b"half a layer")
+    fresh.write_bytes(b"being written")
+    an_hour_ago = time.time() - 3600
+    os.utime(old, (an_hour_ago, an_hour_ago))
+    assert store.purge_stale_uploads(older_than=600) == 1
+    assert not old.exists() and fresh.exists()
+
+
+def test_key_that_is_a_prefix_of_another_key(store: FilesystemStorage) -> None:
+    # A directory cannot also be a file: say so instead of failing obscurely.
+    store.write("tags/shell/git", b"x")
+    with pytest.raises(InvalidInput, match="clashes"):
+        store.write("tags/shell/git/latest", b"y")
+    store.write("tags/web/app/latest", b"z")
+    with pytest.raises(InvalidInput, match="clashes"):
+        store.write("tags/web/app", b"w")
+    assert store.read("tags/web/app") is None  # a prefix is not a key
+    store.delete("tags/web/app")  # nor deletable, quietly
+    assert list(store.list("tags/")) == ["tags/shell/git", "tags/web/app/latest"]
+    assert list(store.list("tags/shell/git/")) == []
+    assert store.read("tags/shell/git/latest") is None
+
+
+def test_root_that_is_a_file(tmp_path: Path) -> None:
+    (tmp_path / "file").write_bytes(b"")
+    with pytest.raises(StorageError, match="cannot create storage directory"):
+        FilesystemStorage(tmp_path / "file")
+
+
+def test_read_only_store_reads(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # The registry may mount a store read-only before any builder wrote to it.
+    root = tmp_path / "ro"
+    root.mkdir()
+
+    def mkdir(*args: object, **kwargs: object) -> None:
+        raise OSError(30, "Read-only file system")
+
+    monkeypatch.setattr(Path, "mkdir", mkdir)
+    store = FilesystemStorage(root)
+    monkeypatch.undo()
+    assert store.blob_size(Digest.of(b"x")) is None
+    assert list(store.list_blobs()) == []
+    assert list(store.list("tags/")) == []
+    with pytest.raises(StorageError, match="tmp"):
+        store.put_blob(b"x")
