@@ -65,7 +65,8 @@ def test_build_result_describes_the_image(first_build: dict[str, Any], store: Pa
     assert set(first_build["timings"]) >= {"nixBuild", "layering", "packing", "total"}
     digest = first_build["manifestDigest"].split(":")[1]
     assert (store / "blobs" / "sha256" / digest).is_file()
-    assert (store / "tags" / "test" / "app" / "_tags" / "1").read_text() == first_build["manifestDigest"]
+    tag_file = store / "tags" / "test" / "app" / "_tags" / "1"
+    assert tag_file.read_text() == first_build["manifestDigest"]
 
 
 def test_export_unpack_and_run(first_build: dict[str, Any], store: Path, tmp_path: Path) -> None:
