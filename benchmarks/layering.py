@@ -1,6 +1,7 @@
 """Layering benchmark: how many bytes does a node pull for a stream of images?
 
-    python benchmarks/layering.py [--data DIR] [--json] [--synthetic SEED] [--revision-bump]
+    python benchmarks/layering.py [--data DIR | --synthetic SEED [--stress]]
+                                  [--popularity FILE] [--revision-bump] [--json]
 
 For every algorithm, a node pulls the requested images in order and keeps every layer it has
 pulled; a layer is identified by its set of store paths (a layer key, DESIGN.md §2), so it is
@@ -15,11 +16,18 @@ pulled again only when no earlier image had exactly that set. Reported per reque
 - ``<100K``: share of the per-image layers under 100 kB (NixOS/nix#13155);
 - ``ms``: planning time per image.
 
+Rows: ours (``niximage_builder.layering``) with and without popularity data, and the
+baselines of ``baselines_layering.py``: Nixery (with and without data), the dockerTools
+popularity contest and nixpkgs' newer auto-layer (both with maxLayers 100, as published).
+
 The data (``channel.json``, ``popularity.json``, ``requests.json``, ``requests-large.json``)
 defaults to ``../shared/data/layering`` relative to the repository root. ``--synthetic
 SEED`` instead generates a channel of the same kind with another seed and shape, to check
-that nothing is fitted to one file. ``--revision-bump`` renames a third of the packages to a
-new version while keeping the old popularity file, as happens when the channel moves on.
+that nothing is fitted to one file (``--stress``: large closures up to 4× the budget
+instead of 2.2×). ``--revision-bump`` renames a third of the packages to a new version while
+keeping the old popularity file, as happens when the channel moves on, and adds a row that
+looks popularity up by exact name only. ``--popularity FILE`` replaces the popularity data,
+e.g. with another channel's, to see what wrong data does.
 """
 
 from __future__ import annotations
@@ -30,7 +38,7 @@ import random
 import sys
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -38,7 +46,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "builder"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from baselines_layering import contest_layers, nixery_layers  # noqa: E402
+from baselines_layering import auto_layers, contest_layers, nixery_layers  # noqa: E402
 
 from niximage_builder.closure import ClosureGraph, StorePath  # noqa: E402
 from niximage_builder.layering import plan_layers  # noqa: E402
@@ -146,21 +154,22 @@ def check_partition(graph: ClosureGraph, layers: Sequence[Sequence[str]]) -> Non
         raise AssertionError("layers do not partition the closure")
 
 
-def algorithms(popularity: Mapping[str, int]) -> dict[str, Plan]:
-    """The rows of the table: ours and the baselines, with and without popularity data."""
-    pop = parse_popularity(popularity)
-    pop_exact = parse_popularity(popularity, match_pname=False)
+def algorithms(popularity: Mapping[str, int], exact: bool = False) -> dict[str, Plan]:
+    """The rows of the table: ours and the baselines, with and without popularity data
+    (and ours with exact-name popularity lookups, when ``exact``)."""
 
     def ours(p: Popularity | None) -> Plan:
         return lambda g: [layer.paths for layer in plan_layers(g, p, BUDGET)]
 
-    return {
-        "niximage": ours(pop),
-        "niximage exact-name pop": ours(pop_exact),
-        "niximage no pop": ours(None),
+    rows = {"niximage": ours(parse_popularity(popularity))}
+    if exact:
+        rows["niximage, exact names"] = ours(parse_popularity(popularity, match_pname=False))
+    return rows | {
+        "niximage, no popularity": ours(None),
         "nixery": lambda g: nixery_layers(g, popularity, BUDGET),
-        "nixery no pop": lambda g: nixery_layers(g, None, BUDGET),
+        "nixery, no popularity": lambda g: nixery_layers(g, None, BUDGET),
         "contest (maxLayers 100)": lambda g: contest_layers(g, 100),
+        "auto-layer (maxLayers 100)": lambda g: auto_layers(g, 100),
     }
 
 
@@ -177,12 +186,14 @@ def _size(rng: random.Random, median: float, sigma: float) -> int:
     return max(1024, int(rng.lognormvariate(0, sigma) * median))
 
 
-def synthetic_dataset(seed: int) -> Dataset:
+def synthetic_dataset(seed: int, large_max: float = 2.2) -> Dataset:
     """A channel shaped like nixpkgs but unlike the stored one: a base set every package
     builds on, libraries that refer to base and to older libraries (a few versions of some),
     applications with optional ``-lib`` outputs, heavy-tailed sizes; popcount over it; small
-    requests (a few well-known packages and apps) and large ones (dozens of apps and libs).
-    The shape parameters are drawn from the seed, so every seed is a different channel."""
+    requests (a few well-known packages and apps) and large ones (apps and a few libraries
+    added until the closure passes a target between the budget and ``large_max`` × budget
+    paths; the stored set goes up to 2.1×). The shape parameters are drawn from the seed, so
+    every seed is a different channel."""
     rng = random.Random(seed)
     n_base = rng.randint(30, 70)
     n_libs = rng.randint(250, 700)
@@ -207,16 +218,26 @@ def synthetic_dataset(seed: int) -> Dataset:
         weights = [1 / (j + 1) for j in range(len(base))]
         k = min(len(base), rng.randint(0, 3))
         refs = set(rng.choices(base, weights, k=k)) if base else set()
-        base.append(add(f"base{i:02d}-{rng.randint(1, 9)}.{rng.randint(0, 40)}",
-                        _size(rng, 800e3, sigma), refs))
+        base.append(
+            add(
+                f"base{i:02d}-{rng.randint(1, 9)}.{rng.randint(0, 40)}",
+                _size(rng, 800e3, sigma),
+                refs,
+            )
+        )
     libs: list[str] = []
     for i in range(n_libs):
         refs = {base[0]} | set(rng.choices(base, [1 / (j + 1) for j in range(n_base)], k=2))
         if libs:
             refs |= set(rng.choices(libs, k=rng.randint(0, 3)))
         name = f"lib{rng.choice(['ab', 'cd', 'ef', 'gh', 'ij', 'kl'])}{i % 97}"
-        libs.append(add(f"{name}-{rng.randint(0, 9)}.{rng.randint(0, 40)}.{i}",
-                        _size(rng, lib_median, sigma), refs))
+        libs.append(
+            add(
+                f"{name}-{rng.randint(0, 9)}.{rng.randint(0, 40)}.{i}",
+                _size(rng, lib_median, sigma),
+                refs,
+            )
+        )
     apps: list[str] = []
     lib_weights = [1 / (j + 1) ** 0.7 for j in range(n_libs)]
     for i in range(n_apps):
@@ -224,8 +245,7 @@ def synthetic_dataset(seed: int) -> Dataset:
         refs = {base[0]} | set(rng.choices(base, [1 / (j + 1) for j in range(n_base)], k=3))
         refs |= set(rng.choices(libs, lib_weights, k=rng.randint(0, 4)))
         if rng.random() < 0.15:
-            refs.add(add(f"app{i:05d}-{version}-lib", _size(rng, app_median, sigma),
-                         {base[0]}))
+            refs.add(add(f"app{i:05d}-{version}-lib", _size(rng, app_median, sigma), {base[0]}))
         apps.append(add(f"app{i:05d}-{version}", _size(rng, app_median, sigma), refs))
     counts: dict[str, int] = {}
     for entry in entries.values():
@@ -243,10 +263,12 @@ def synthetic_dataset(seed: int) -> Dataset:
         roots = rng.sample(well_known, rng.randint(0, 3)) + rng.sample(apps, rng.randint(0, 2))
         small.append(sorted(set(roots or [rng.choice(apps)])))
     large = []
-    while len(large) < 40:
-        roots = rng.sample(apps, rng.randint(15, 50)) + rng.sample(libs, rng.randint(0, 5))
-        if closure_len(roots) > BUDGET:
-            large.append(sorted(set(roots)))
+    for _ in range(40):
+        target = rng.randint(BUDGET + 1, int(large_max * BUDGET))
+        roots = []
+        while closure_len(roots) < target:
+            roots.append(rng.choice(apps) if rng.random() < 0.9 else rng.choice(libs))
+        large.append(sorted(set(roots)))
     return Dataset(entries, popularity, {"small": small, "large": large})
 
 
@@ -272,7 +294,7 @@ def revision_bump(data: Dataset, seed: int = 1) -> Dataset:
 # --- report ------------------------------------------------------------------------------------
 
 
-def run(data: Dataset) -> dict[str, dict[str, Result]]:
+def run(data: Dataset, exact: bool = False) -> dict[str, dict[str, Result]]:
     """Every algorithm on every request set."""
     graphs = {
         name: [image_graph(data.entries, roots) for roots in sets]
@@ -280,21 +302,21 @@ def run(data: Dataset) -> dict[str, dict[str, Result]]:
     }
     return {
         algo: {name: simulate(gs, plan) for name, gs in graphs.items()}
-        for algo, plan in algorithms(data.popularity).items()
+        for algo, plan in algorithms(data.popularity, exact).items()
     }
 
 
 def table(results: Mapping[str, Mapping[str, Result]]) -> str:
     """A plain-text table, one row per algorithm and request set."""
     head = (
-        f"{'algorithm':<26} {'set':<6} {'pulled':>7} {'chain':>7} {'layers':>12}"
+        f"{'algorithm':<28} {'set':<6} {'pulled':>7} {'chain':>7} {'layers':>12}"
         f" {'<100K':>6} {'max/budget':>11} {'ms':>6}"
     )
     lines = [head, "-" * len(head)]
     for algo, by_set in results.items():
         for name, r in by_set.items():
             lines.append(
-                f"{algo:<26} {name:<6} {r.pulled:>6.2f}x {r.chain:>6.2f}x"
+                f"{algo:<28} {name:<6} {r.pulled:>6.2f}x {r.chain:>6.2f}x"
                 f" {r.layers_mean:>6.1f}/{r.layers_max:<5d} {100 * r.small_share:>5.1f}%"
                 f" {r.layers_max:>5d}/{BUDGET:<5d} {r.ms_per_image:>6.1f}"
             )
@@ -305,18 +327,30 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--data", type=Path, default=ROOT.parent / "shared/data/layering")
     parser.add_argument("--synthetic", type=int, metavar="SEED", help="generate a channel")
+    parser.add_argument(
+        "--stress",
+        action="store_true",
+        help="synthetic large closures up to 4x the budget (default 2.2x)",
+    )
     parser.add_argument("--revision-bump", action="store_true", help="move versions on")
+    parser.add_argument("--popularity", type=Path, help="use this popularity file instead")
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
     args = parser.parse_args(argv)
-    data = synthetic_dataset(args.synthetic) if args.synthetic is not None else load_dataset(
-        args.data
-    )
+    if args.synthetic is not None:
+        data = synthetic_dataset(args.synthetic, 4.0 if args.stress else 2.2)
+    else:
+        data = load_dataset(args.data)
+    if args.popularity is not None:
+        data = replace(data, popularity=json.loads(args.popularity.read_text()))
     if args.revision_bump:
         data = revision_bump(data)
-    results = run(data)
+    results = run(data, exact=args.revision_bump)
     if args.json:
-        print(json.dumps({a: {s: vars(r) for s, r in by.items()} for a, by in results.items()},
-                         indent=2))
+        print(
+            json.dumps(
+                {a: {s: vars(r) for s, r in by.items()} for a, by in results.items()}, indent=2
+            )
+        )
     else:
         print(table(results))
     return 0

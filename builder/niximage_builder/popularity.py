@@ -1,4 +1,5 @@
-"""How widely used a store path is across a package set. Pure (no I/O); imports errors only.
+"""How widely used a store path is across a package set. Pure, except :func:`load`, which
+reads the file; imports errors only.
 
 The data is Nixery's ``popcount`` output: a flat JSON object ``{"name-version": count}`` where
 ``count`` is the number of store paths in a whole channel whose references include that path
@@ -6,16 +7,21 @@ The data is Nixery's ``popcount`` output: a flat JSON object ``{"name-version": 
 path named ``openssl-3.0.12``, ``count`` is its number of referrers, plus one if it refers to
 itself: ``count - 1 <= referrers <= count``. A name the data lacks has at most one referrer.
 
+Only the manifest order uses it (most shared layers first), so wrong or stale data can cost
+layer reuse in Docker's ChainID sense but never changes which paths share a layer. (Grouping a
+path with its referrer because the data lacks it, i.e. has at most one referrer, was measured
+and dropped: a file from another channel lacks almost everything.)
+
 Counts are keyed by name *with* version, so a file only fits the channel revision it was
 computed for. The next revision bumps some versions and every exact key for them misses. We
 therefore fall back to the name without its version (``pname``, plus the output suffix such
 as ``-lib``, which changes popularity a lot: ``gcc-12.3.0`` is a compiler nobody refers to at
 run time, ``gcc-12.3.0-lib`` is referred to by a large part of the channel). The fallback
-takes the highest count of any version, because the layering uses popularity to decide
-whether a path is *shared*, and over-estimating sharing only costs a layer, while
-under-estimating it merges a shared path into one referrer's layer and breaks reuse.
-``benchmarks/layering.py --revision-bump`` measures both matchings on a channel whose
-versions moved on.
+takes the highest count of any version in the file: a package family that many paths used
+in one version is likely to be as used in the next. ``benchmarks/layering.py
+--revision-bump`` measures both lookups on a channel where a third of the versions moved on:
+by exact name, the order is worse than with no data at all; with the fallback, as good as
+with data of the right revision.
 
 ``cacert`` and ``iana-etc`` are added to every image (as Nixery does), so they rank above
 everything in the data whatever the data says.
@@ -23,9 +29,11 @@ everything in the data whatever the data says.
 
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from niximage_builder.errors import InvalidInput
@@ -79,7 +87,7 @@ class Popularity:
 
     @classmethod
     def empty(cls) -> Popularity:
-        """No data: only the always-included packages stand out."""
+        """No data (``plan_layers`` treats it as ``None``)."""
         return cls.from_counts({})
 
     @property
@@ -101,10 +109,6 @@ class Popularity:
         """:meth:`count` of a store path (by its name without the hash)."""
         return self.count(store_name(path))
 
-    def known(self, name: str) -> bool:
-        """Whether the data says anything about ``name`` (exactly or by pname)."""
-        return name in self.counts or (self.match_pname and pname_key(name) in self.by_pname)
-
 
 def parse_popularity(data: Any, match_pname: bool = True) -> Popularity:
     """Validate popcount JSON (``{"name-version": count}``)."""
@@ -119,3 +123,11 @@ def parse_popularity(data: Any, match_pname: bool = True) -> Popularity:
         counts[name] = count
     return Popularity.from_counts(counts, match_pname)
 
+
+def load(file: str | Path, match_pname: bool = True) -> Popularity:
+    """Read and validate a popcount file (``niximage build|layers --popularity FILE``)."""
+    try:
+        data = json.loads(Path(file).read_text())
+    except (OSError, ValueError) as exc:
+        raise InvalidInput(f"popularity: cannot read {file}: {exc}") from exc
+    return parse_popularity(data, match_pname)
