@@ -4,10 +4,13 @@
     python benchmarks/pack.py --synthetic 800                             # generated tree
 
 The input is split into several layers (one per path, bigger paths split into their
-children, then balanced by size), packed in parallel as the builder does, with threads
-and with processes, each run in a fresh child process so its peak RSS is its own. The
-reference is one GNU tar piped through ``gzip -6`` and ``sha256sum`` (``tee`` to a
-``wc -c`` for its size). The page cache is warmed first so both read from memory.
+children, then balanced by size) and packed in parallel as the builder does, by
+``pack_layers_parallel`` in worker processes and in threads (and serially, for scale).
+Each run happens in a fresh interpreter whose process tree's RSS is sampled, so the
+peak is the packing's own. The reference is one GNU tar piped through ``gzip -6`` and
+``sha256sum`` (``tee`` to ``wc -c`` for its size). The page cache is warmed first so both
+read from memory. Throughput is file bytes ÷ wall time for both. On a shared machine use
+``--repeat``: the best of N runs is reported for each.
 
 Targets (issue): throughput ≥ 8× the reference, output ≤ 1.15× its size, peak RSS < 300 MB.
 """
@@ -18,25 +21,24 @@ import argparse
 import hashlib
 import json
 import os
-import resource
 import shutil
+import statistics
 import subprocess
 import sys
 import tarfile
 import tempfile
+import threading
 import time
-from collections.abc import Iterator, Sequence
-from concurrent.futures import ProcessPoolExecutor
+from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "builder"))
 
-from niximage_builder.compression import COMPRESSIONS  # noqa: E402
-from niximage_builder.tarball import (  # noqa: E402
+from niximage_builder.compression import COMPRESSIONS
+from niximage_builder.tarball import (
     LayerJob,
-    PackedLayer,
     pack_layers_parallel,
-    pack_paths,
     scan_paths,
     tar_header,
 )
@@ -81,8 +83,10 @@ def make_synthetic(target: Path, megabytes: int, packages: int = 24) -> list[str
     directory per package make the trees look like real packages.
     """
     store = target / "store"
-    roots = [store / f"{hashlib.sha256(str(i).encode()).hexdigest()[:32]}-pkg{i}"
-             for i in range(packages)]
+    roots = [
+        store / f"{hashlib.sha256(str(i).encode()).hexdigest()[:32]}-pkg{i}"
+        for i in range(packages)
+    ]
     for root in roots:
         (root / "share" / "empty").mkdir(parents=True)
     budget, written = megabytes * MB, 0
@@ -151,46 +155,97 @@ def warm_cache(paths: Sequence[str]) -> int:
 # --- runs --------------------------------------------------------------------------------------
 
 
-def _pack_one(paths: Sequence[str], compression: str, level: int | None) -> PackedLayer:
-    return pack_paths(paths, DiscardSink(), compression, level)  # type: ignore[arg-type]
+class TreeRss(threading.Thread):
+    """Samples the RSS of this process plus all its descendants; keeps the peak sum."""
+
+    def __init__(self, interval: float = 0.02) -> None:
+        super().__init__(daemon=True)
+        self.interval = interval
+        self.peak = 0
+        self._stop_event = threading.Event()
+
+    @staticmethod
+    def _rss(pid: int) -> int:
+        try:
+            with open(f"/proc/{pid}/statm") as f:
+                return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+        except (OSError, IndexError, ValueError):
+            return 0
+
+    @staticmethod
+    def _children(pid: int) -> list[int]:
+        found: list[int] = []
+        try:
+            for task in os.listdir(f"/proc/{pid}/task"):
+                with open(f"/proc/{pid}/task/{task}/children") as f:
+                    found.extend(int(c) for c in f.read().split())
+        except OSError:
+            pass
+        return found
+
+    def sample(self) -> int:
+        total, pending = 0, [os.getpid()]
+        while pending:
+            pid = pending.pop()
+            total += self._rss(pid)
+            pending.extend(self._children(pid))
+        self.peak = max(self.peak, total)
+        return total
+
+    def run(self) -> None:
+        while not self._stop_event.wait(self.interval):
+            self.sample()
+
+    def stop(self) -> int:
+        self._stop_event.set()
+        self.join()
+        self.sample()
+        return self.peak
 
 
-def run_ours(groups: list[list[str]], mode: str, workers: int, compression: str,
-             level: int | None) -> dict[str, object]:
-    """Pack the groups; runs inside a fresh child so ru_maxrss is this run's peak."""
+def run_ours(
+    groups: list[list[str]], mode: str, workers: int, compression: str, level: int | None
+) -> dict[str, Any]:
+    """Pack the groups (inside a fresh child interpreter: see ``_child``)."""
+    sampler = TreeRss()
+    sampler.start()
+    before = os.times()
     start = time.perf_counter()
-    if mode == "processes":
-        with ProcessPoolExecutor(max_workers=workers) as pool:
-            futures = [pool.submit(_pack_one, g, compression, level) for g in groups]
-            packed = [f.result() for f in futures]
+    jobs = [LayerJob(DiscardSink(), g, compression=compression, level=level) for g in groups]
+    if mode == "serial":
+        packed = [job.run() for job in jobs]
     else:
-        jobs = [LayerJob(DiscardSink(), g, compression=compression, level=level)  # type: ignore[arg-type]
-                for g in groups]
-        packed = pack_layers_parallel(jobs, workers if mode == "threads" else 1)
+        packed = pack_layers_parallel(jobs, workers, mode)
     wall = time.perf_counter() - start
+    after = os.times()
+    cpu = sum(after[:4]) - sum(before[:4])  # user + system, ours and our children's
     return {
         "wall": wall,
+        "cpu": cpu,
         "tar_bytes": sum(p.tar_size for p in packed),
         "size": sum(p.size for p in packed),
         "digests": [str(p.digest) for p in packed],
-        "maxrss_self": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
-        "maxrss_child": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024,
+        "peak_rss": sampler.stop(),
     }
 
 
-def run_reference(paths: Sequence[str]) -> dict[str, object]:
+def run_reference(paths: Sequence[str]) -> dict[str, Any]:
     """``tar -cf - PATHS | gzip -6 | sha256sum`` with a ``wc -c`` on the side."""
     with tempfile.TemporaryDirectory() as tmp:
         fifo = os.path.join(tmp, "fifo")
         os.mkfifo(fifo)
         relative = " ".join(f"'{p.lstrip('/')}'" for p in paths)
-        script = (f"set -o pipefail; wc -c < {fifo} > {tmp}/size & "
-                  f"tar -cf - -C / {relative} | gzip -6 | tee {fifo} | sha256sum > {tmp}/sum; wait")
+        script = (
+            f"set -o pipefail; wc -c < {fifo} > {tmp}/size & "
+            f"tar -cf - -C / {relative} | gzip -6 | tee {fifo} | sha256sum > {tmp}/sum; wait"
+        )
+        before = os.times()
         start = time.perf_counter()
         subprocess.run(["bash", "-c", script], check=True)
         wall = time.perf_counter() - start
+        after = os.times()
         size = int(Path(tmp, "size").read_text())
-    return {"wall": wall, "size": size}
+    return {"wall": wall, "cpu": sum(after[2:4]) - sum(before[2:4]), "size": size}
 
 
 def header_speed(paths: Sequence[str]) -> dict[str, float]:
@@ -200,27 +255,30 @@ def header_speed(paths: Sequence[str]) -> dict[str, float]:
     for entry in entries:
         tar_header(entry)
     ours = time.perf_counter() - start
+    kinds = {"dir": tarfile.DIRTYPE, "file": tarfile.REGTYPE, "symlink": tarfile.SYMTYPE}
     infos = []
     for entry in entries:
         info = tarfile.TarInfo(entry.name)
-        info.type = {"dir": tarfile.DIRTYPE, "file": tarfile.REGTYPE, "symlink": tarfile.SYMTYPE}[
-            entry.kind]
+        info.type = kinds[entry.kind]
         info.mode, info.size, info.linkname, info.mtime = entry.mode, entry.size, entry.target, 1
         infos.append(info)
     start = time.perf_counter()
     for info in infos:
         info.tobuf(tarfile.PAX_FORMAT)
     theirs = time.perf_counter() - start
-    return {"entries": len(entries), "ours_per_s": len(entries) / ours,
-            "tarfile_per_s": len(entries) / theirs}
+    return {
+        "entries": len(entries),
+        "ours_per_s": len(entries) / ours,
+        "tarfile_per_s": len(entries) / theirs,
+    }
 
 
-def _child(mode: str, args: argparse.Namespace, groups: list[list[str]]) -> dict[str, object]:
-    """Run one mode in a fresh interpreter so its peak RSS is not the parent's."""
-    spec = json.dumps({"mode": mode, "groups": groups, "workers": args.workers,
-                       "compression": args.compression, "level": args.level})
-    out = subprocess.run([sys.executable, __file__, "--child", spec], check=True,
-                         capture_output=True, text=True).stdout
+def _child(mode: str, args: argparse.Namespace, groups: list[list[str]]) -> dict[str, Any]:
+    """Run one mode in a fresh interpreter so its memory is not the parent's."""
+    spec = {"mode": mode, "groups": groups, "workers": args.workers}
+    spec |= {"compression": args.compression, "level": args.level}
+    command = [sys.executable, __file__, "--child", json.dumps(spec)]
+    out = subprocess.run(command, check=True, capture_output=True, text=True).stdout
     return json.loads(out)
 
 
@@ -234,67 +292,70 @@ def _remove(path: Path) -> None:
 # --- main --------------------------------------------------------------------------------------
 
 
-def _mbs(nbytes: int, seconds: float) -> float:
-    return nbytes / MB / seconds
+def _best(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """The fastest run, with the median wall time and the largest peak RSS of all runs."""
+    walls = [float(r["wall"]) for r in runs]
+    best = dict(min(runs, key=lambda r: float(r["wall"])))
+    best["median_wall"] = statistics.median(walls)
+    if "peak_rss" in best:
+        best["peak_rss"] = max(int(r["peak_rss"]) for r in runs)
+    best.pop("digests", None)
+    return best
 
 
-def report(input_bytes: int, groups: list[list[str]], ours: dict[str, dict[str, object]],
-           reference: dict[str, object] | None, headers: dict[str, float],
-           args: argparse.Namespace) -> dict[str, object]:
-    print(f"input: {input_bytes / MB:.0f} MB in {len(groups)} layers, "
-          f"{args.workers} workers, {args.compression} level {args.level or 'default'}, "
-          f"{os.cpu_count()} CPUs")
-    print(f"headers/s: ours {headers['ours_per_s']:.0f}, tarfile {headers['tarfile_per_s']:.0f}"
-          f" ({headers['entries']} entries)")
-    summary: dict[str, object] = {"input_bytes": input_bytes, "layers": len(groups),
-                                  "workers": args.workers, "headers": headers}
-    if reference:
-        ref_rate = _mbs(input_bytes, float(reference["wall"]))  # type: ignore[arg-type]
-        print(f"reference tar|gzip -6|sha256sum: {reference['wall']:.2f} s, {ref_rate:.1f} MB/s,"
-              f" {int(reference['size']) / MB:.1f} MB")  # type: ignore[call-overload]
-        summary["reference"] = {**reference, "mb_s": ref_rate}
-    for mode, result in ours.items():
-        wall = float(result["wall"])  # type: ignore[arg-type]
-        rate = _mbs(input_bytes, wall)
-        rss = max(int(result["maxrss_self"]), int(result["maxrss_child"]))  # type: ignore[call-overload]
-        line = (f"ours ({mode}): {wall:.2f} s, {rate:.1f} MB/s, "
-                f"{int(result['size']) / MB:.1f} MB, peak RSS {rss / MB:.0f} MB")  # type: ignore[call-overload]
-        entry = {**result, "mb_s": rate, "peak_rss": rss}
-        if reference:
-            speed = float(reference["wall"]) / wall  # type: ignore[arg-type]
-            size = int(result["size"]) / int(reference["size"])  # type: ignore[call-overload]
-            line += f" | throughput ×{speed:.1f}, size ×{size:.3f}"
-            entry.update(throughput_ratio=speed, size_ratio=size)
+def report(
+    input_bytes: int,
+    layers: int,
+    results: dict[str, dict[str, Any]],
+    headers: dict[str, float],
+    args: argparse.Namespace,
+) -> dict[str, Any]:
+    """Print the figures; return them for --json."""
+    level = args.level if args.level is not None else "default"
+    print(
+        f"input: {input_bytes / MB:.0f} MB of files, {headers['entries']:.0f} entries, "
+        f"{layers} layers, {args.workers} workers, {os.cpu_count()} CPUs, "
+        f"{args.compression} level {level}, best of {args.repeat}, "
+        f"load average now {os.getloadavg()[0]:.1f}"
+    )
+    print(
+        f"tar headers/s: ours {headers['ours_per_s']:,.0f}, tarfile {headers['tarfile_per_s']:,.0f}"
+    )
+    summary: dict[str, Any] = {
+        "input_bytes": input_bytes,
+        "layers": layers,
+        "workers": args.workers,
+        "headers": headers,
+    }
+    reference = results.get("reference")
+    for name, result in results.items():
+        wall, cpu, size = float(result["wall"]), float(result["cpu"]), int(result["size"])
+        result["mb_s"] = input_bytes / MB / wall
+        line = (
+            f"{name:>9}: {wall:6.2f} s (median {float(result['median_wall']):.2f}), "
+            f"{result['mb_s']:6.1f} MB/s, cpu {cpu:5.1f} s, {size / MB:6.1f} MB"
+        )
+        if "peak_rss" in result:
+            line += f", peak RSS {int(result['peak_rss']) / MB:.0f} MB"
+        if reference and name != "reference":
+            result["throughput_ratio"] = float(reference["wall"]) / wall
+            result["size_ratio"] = size / int(reference["size"])
+            result["cpu_ratio"] = float(reference["cpu"]) / cpu  # load-independent
+            line += (
+                f" | ×{result['throughput_ratio']:.1f} throughput, ×{result['size_ratio']:.3f}"
+                f" size, ×{result['cpu_ratio']:.1f} less CPU"
+            )
         print(line)
-        entry.pop("digests", None)
-        summary[mode] = entry
+        summary[name] = result
     return summary
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("paths", nargs="*", help="absolute store paths or directories")
-    parser.add_argument("--synthetic", type=int, metavar="MB", help="generate MB of input")
-    parser.add_argument("--workers", type=int, default=os.cpu_count() or 1)
-    parser.add_argument("--layers", type=int, default=8, help="split the input into N layers")
-    parser.add_argument("--compression", choices=COMPRESSIONS, default="gzip")
-    parser.add_argument("--level", type=int, default=None)
-    parser.add_argument("--modes", default="threads,processes",
-                        help="comma list of threads, processes, serial")
-    parser.add_argument("--no-reference", action="store_true")
-    parser.add_argument("--keep", metavar="DIR", help="generate the synthetic tree here, keep it")
-    parser.add_argument("--json", metavar="FILE", help="also write the figures as JSON")
-    parser.add_argument("--child", help=argparse.SUPPRESS)
-    args = parser.parse_args(argv)
-
-    if args.child:
-        spec = json.loads(args.child)
-        print(json.dumps(run_ours(spec["groups"], spec["mode"], spec["workers"],
-                                  spec["compression"], spec["level"])))
-        return 0
-
-    tmp = None
+def _inputs(
+    args: argparse.Namespace, parser: argparse.ArgumentParser
+) -> tuple[list[str], Path | None]:
+    """The paths to pack and the temporary directory to remove afterwards, if any."""
     paths = [os.path.abspath(p) for p in args.paths]
+    tmp = None
     if args.synthetic:
         base = Path(args.keep) if args.keep else Path(tmp := tempfile.mkdtemp(prefix="packbench-"))
         if not (base / "store").exists():
@@ -302,22 +363,59 @@ def main(argv: Sequence[str] | None = None) -> int:
         paths += sorted(str(p) for p in (base / "store").iterdir())
     if not paths:
         parser.error("give store paths or --synthetic MB")
+    return paths, Path(tmp) if tmp else None
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n")[0])
+    parser.add_argument("paths", nargs="*", help="absolute store paths or directories")
+    parser.add_argument("--synthetic", type=int, metavar="MB", help="generate MB of input")
+    parser.add_argument("--keep", metavar="DIR", help="generate the synthetic tree here, keep it")
+    parser.add_argument("--workers", type=int, default=os.cpu_count() or 1)
+    parser.add_argument("--layers", type=int, default=8, help="split the input into N layers")
+    parser.add_argument("--compression", choices=COMPRESSIONS, default="gzip")
+    parser.add_argument("--level", type=int, default=None)
+    parser.add_argument(
+        "--modes",
+        default="processes,threads,serial",
+        help="comma list of processes, threads, serial",
+    )
+    parser.add_argument("--repeat", type=int, default=1, help="runs of each; best is reported")
+    parser.add_argument("--no-reference", action="store_true")
+    parser.add_argument("--json", metavar="FILE", help="also write the figures as JSON")
+    parser.add_argument("--child", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+
+    if args.child:
+        spec = json.loads(args.child)
+        result = run_ours(
+            spec["groups"], spec["mode"], spec["workers"], spec["compression"], spec["level"]
+        )
+        print(json.dumps(result))
+        return 0
+
+    paths, tmp = _inputs(args, parser)
     try:
         groups = plan_layers(paths, args.layers)
         input_bytes = warm_cache(paths)
         headers = header_speed(paths)
-        ours = {mode: _child(mode, args, groups) for mode in args.modes.split(",")}
-        digests = {tuple(r["digests"]) for r in ours.values()}  # type: ignore[arg-type]
+        runs: dict[str, list[dict[str, Any]]] = {}
+        for _ in range(args.repeat):
+            for mode in args.modes.split(","):
+                runs.setdefault(mode, []).append(_child(mode, args, groups))
+            if not args.no_reference:
+                runs.setdefault("reference", []).append(run_reference(paths))
+        digests = {tuple(r["digests"]) for m, rs in runs.items() if m != "reference" for r in rs}
         if len(digests) != 1:
-            print("ERROR: modes produced different layers", file=sys.stderr)
+            print("ERROR: runs produced different layers", file=sys.stderr)
             return 1
-        reference = None if args.no_reference else run_reference(paths)
-        summary = report(input_bytes, groups, ours, reference, headers, args)
+        results = {mode: _best(mode_runs) for mode, mode_runs in runs.items()}
+        summary = report(input_bytes, len(groups), results, headers, args)
         if args.json:
             Path(args.json).write_text(json.dumps(summary, indent=2))
     finally:
         if tmp:
-            _remove(Path(tmp))
+            _remove(tmp)
     return 0
 
 

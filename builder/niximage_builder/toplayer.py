@@ -27,6 +27,7 @@ lower layers, which is where the forest's links point.
 from __future__ import annotations
 
 import os
+import stat
 from collections.abc import Sequence
 
 from niximage_builder.compression import Compression
@@ -87,8 +88,8 @@ def forest_entries(roots: Sequence[str]) -> list[Entry]:
     forest: dict[str, Entry] = {TMP.name: TMP}
     for root in _roots_in_order(roots):
         try:
-            if not os.path.isdir(root) or os.path.islink(root):
-                continue
+            if not stat.S_ISDIR(os.lstat(root).st_mode):
+                continue  # a single file or a symlink: nothing to merge
             _merge_root(root, forest)
         except OSError as err:
             raise PackError(f"{err.filename or root}: {err.strerror}") from err
@@ -96,7 +97,11 @@ def forest_entries(roots: Sequence[str]) -> list[Entry]:
     return normalize(forest.values())
 
 
-def pack_top_layer(roots: Sequence[str], sink: SupportsWrite,
-                   compression: Compression = "gzip", level: int | None = None) -> PackedLayer:
+def pack_top_layer(
+    roots: Sequence[str],
+    sink: SupportsWrite,
+    compression: Compression = "gzip",
+    level: int | None = None,
+) -> PackedLayer:
     """Pack the symlink forest of ``roots`` into ``sink``; the caller commits the digest."""
     return pack_entries(forest_entries(roots), sink, compression, level)
