@@ -28,6 +28,7 @@ from niximage_builder import (
     sources,
 )
 from niximage_builder.errors import InvalidInput, NixImageError, PackagesNotFound
+from niximage_builder.registry import command as serve_command
 from niximage_builder.result import BuildError, BuildResult
 from niximage_builder.storage import factory
 
@@ -82,6 +83,12 @@ def build_parser() -> argparse.ArgumentParser:
     export_parser.add_argument("directory", metavar="OCI_DIR")
     export_parser.add_argument("--storage", default=DEFAULT_STORAGE, help="DIR or gs://BUCKET")
     export_parser.set_defaults(run=run_export)
+
+    serve_parser = commands.add_parser(
+        "serve", help="serve images from storage: a pull-only OCI registry"
+    )
+    serve_command.add_arguments(serve_parser)
+    serve_parser.set_defaults(run=serve_command.run)
 
     layers_parser = commands.add_parser("layers", help="plan the layers of a closure graph")
     layers_parser.add_argument("graph", metavar="GRAPH.json")
