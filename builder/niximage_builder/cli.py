@@ -90,12 +90,26 @@ def build_parser() -> argparse.ArgumentParser:
     serve_command.add_arguments(serve_parser)
     serve_parser.set_defaults(run=serve_command.run)
 
+    operator_parser = commands.add_parser(
+        "operator", help="run the Kubernetes operator (NixImage → builder pods → status)"
+    )
+    _add_operator(operator_parser)
+
     layers_parser = commands.add_parser("layers", help="plan the layers of a closure graph")
     layers_parser.add_argument("graph", metavar="GRAPH.json")
     layers_parser.add_argument("--popularity", help="popularity data (Nixery popcount JSON)")
     layers_parser.add_argument("--budget", type=int, default=94)
     layers_parser.set_defaults(run=run_layers)
     return parser
+
+
+def _add_operator(parser: argparse.ArgumentParser) -> None:
+    # The operator lives in its own package (operator/); the builder only hands it the
+    # command line, so the dependency stays one-way apart from this entry point.
+    from niximage_operator import command as operator_command
+
+    operator_command.add_arguments(parser)
+    parser.set_defaults(run=operator_command.run)
 
 
 def spec_from_args(args: argparse.Namespace, settings: nixcli.NixSettings) -> imagespec.ImageSpec:

@@ -1,0 +1,195 @@
+"""The operator's own Kubernetes API calls: builder pods, and nudging a NixImage's status.
+
+The only module that talks to the API server besides kopf (which watches and writes the
+handlers' patches). Uses pykube-ng's HTTP client (credentials from the service account
+in a pod, else ``$KUBECONFIG``), whose blocking calls run in a thread so the event loop
+keeps serving kopf. Every write follows the API's own contract: creation answers 409 if
+the pod exists, owner references are added with a JSON patch guarded by the pod's
+resourceVersion, and NixImage status is written only to the ``/status`` subresource.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import pykube
+import pykube.exceptions
+import requests
+
+from niximage_builder import __version__
+from niximage_operator import podspec
+
+JSON_PATCH = "application/json-patch+json"
+MERGE_PATCH = "application/merge-patch+json"
+CONFLICT_RETRIES = 5
+USER_AGENT = f"niximage-operator/{__version__}"
+
+
+class KubeError(Exception):
+    """An API call failed; ``status`` is the HTTP status (0: no answer)."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(f"Kubernetes API: {message} (HTTP {status})" if status else message)
+        self.status = status
+
+
+class AlreadyExists(KubeError):
+    pass
+
+
+class Kube:
+    """Builder pods and NixImage status, through one pykube-ng HTTP client."""
+
+    def __init__(self, api: pykube.HTTPClient) -> None:
+        self.api = api
+
+    @classmethod
+    def from_environment(cls, timeout: float = 30.0) -> Kube:
+        """In a pod: its service account; elsewhere: ``$KUBECONFIG`` (read now, not at import)."""
+        try:
+            config = pykube.KubeConfig.from_env()
+        except (pykube.exceptions.PyKubeError, OSError, ValueError) as exc:
+            raise KubeError(0, f"no Kubernetes credentials (not in a pod, and {exc})") from exc
+        api = pykube.HTTPClient(config, timeout=timeout)
+        # Audit logs (and the tests' RBAC check) tell our requests from kopf's by this.
+        api.session.headers["User-Agent"] = USER_AGENT
+        return cls(api)
+
+    def close(self) -> None:
+        self.api.session.close()
+
+    async def create_pod(self, manifest: Mapping[str, Any]) -> dict[str, Any]:
+        """Create a pod; ``AlreadyExists`` when one has that name (someone was first)."""
+        namespace = manifest["metadata"]["namespace"]
+        return await self._call(
+            "post", version="v1", namespace=namespace, url="pods", data=json.dumps(manifest)
+        )
+
+    async def get_pod(self, namespace: str, name: str) -> dict[str, Any] | None:
+        try:
+            return await self._call("get", version="v1", namespace=namespace, url=f"pods/{name}")
+        except KubeError as exc:
+            if exc.status == 404:
+                return None
+            raise
+
+    async def add_pod_owner(
+        self, namespace: str, name: str, owner: Mapping[str, Any]
+    ) -> dict[str, Any] | None:
+        """Make a NixImage one more owner of a shared builder pod (None: the pod is gone).
+
+        A JSON patch with a ``test`` of the resourceVersion: two NixImages adopting the
+        same pod at once must not overwrite each other's reference (a merge patch would
+        replace the whole list).
+        """
+        uid = owner["metadata"]["uid"]
+        for _ in range(CONFLICT_RETRIES):
+            pod = await self.get_pod(namespace, name)
+            if pod is None:
+                return None
+            references = pod["metadata"].get("ownerReferences") or []
+            if any(ref.get("uid") == uid for ref in references):
+                return pod
+            reference = podspec.owner_reference(owner, controller=not references)
+            operations: list[dict[str, Any]] = [
+                {
+                    "op": "test",
+                    "path": "/metadata/resourceVersion",
+                    "value": pod["metadata"]["resourceVersion"],
+                },
+                {"op": "add", "path": "/metadata/ownerReferences", "value": [reference]}
+                if not references
+                else {"op": "add", "path": "/metadata/ownerReferences/-", "value": reference},
+            ]
+            try:
+                return await self._patch_pod(namespace, name, operations)
+            except KubeError as exc:
+                if exc.status not in (409, 422):  # 422: the test failed, the pod changed
+                    raise
+        raise KubeError(409, f"pod {namespace}/{name} kept changing while adding an owner")
+
+    async def nudge_image(
+        self,
+        namespace: str,
+        name: str,
+        still_wants: Callable[[Mapping[str, Any]], bool],
+        pod: str,
+        phase: str,
+    ) -> bool:
+        """Record a builder pod and its phase in ``status.builderPod``/``builderPhase``.
+
+        The reconcile handler watches those fields: this is how a build's progress reaches
+        every NixImage waiting for it. ``still_wants(body)`` says whether the NixImage, as
+        read now, still waits for this build; the write then carries that body's
+        resourceVersion as a precondition, so news about an old spec never lands on a new
+        one. The write goes to ``/status``. Returns whether it was written.
+        """
+        path = f"namespaces/{namespace}/{podspec.PLURAL}/{name}"
+        for _ in range(CONFLICT_RETRIES):
+            try:
+                image = await self._call("get", version=podspec.API_VERSION, url=path)
+            except KubeError as exc:
+                if exc.status == 404:
+                    return False
+                raise
+            metadata = image.get("metadata") or {}
+            status = image.get("status") or {}
+            if metadata.get("deletionTimestamp") or not still_wants(image):
+                return False
+            if (status.get("builderPod"), status.get("builderPhase")) == (pod, phase):
+                return False
+            patch = {
+                "metadata": {"resourceVersion": metadata.get("resourceVersion")},
+                "status": {"builderPod": pod, "builderPhase": phase},
+            }
+            try:
+                await self._call(
+                    "patch",
+                    version=podspec.API_VERSION,
+                    url=f"{path}/status",
+                    data=json.dumps(patch),
+                    headers={"Content-Type": MERGE_PATCH},
+                )
+                return True
+            except KubeError as exc:
+                if exc.status != 409:
+                    raise
+        return False
+
+    async def _patch_pod(
+        self, namespace: str, name: str, operations: list[dict[str, Any]]
+    ) -> dict[str, Any]:
+        return await self._call(
+            "patch",
+            version="v1",
+            namespace=namespace,
+            url=f"pods/{name}",
+            data=json.dumps(operations),
+            headers={"Content-Type": JSON_PATCH},
+        )
+
+    async def _call(self, method: str, **kwargs: Any) -> dict[str, Any]:
+        return await asyncio.to_thread(self._call_blocking, method, **kwargs)
+
+    def _call_blocking(self, method: str, **kwargs: Any) -> dict[str, Any]:
+        try:
+            response = getattr(self.api, method)(**kwargs)
+        except requests.RequestException as exc:
+            raise KubeError(0, f"Kubernetes API unreachable: {exc}") from exc
+        if response.ok:
+            result: dict[str, Any] = response.json()
+            return result
+        message = _status_message(response)
+        if response.status_code == 409 and method == "post":
+            raise AlreadyExists(409, message)
+        raise KubeError(response.status_code, message)
+
+
+def _status_message(response: requests.Response) -> str:
+    try:
+        return str(response.json().get("message") or response.reason)
+    except ValueError:
+        return response.text[:500] or str(response.reason)

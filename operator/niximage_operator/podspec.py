@@ -1,0 +1,135 @@
+"""The builder pod: its name, labels, owner references and manifest. Pure.
+
+Imports specs and settings. One pod per build key and attempt, named from the key: a
+second NixImage with the same packages, or the operator after a restart, finds the pod
+by name instead of starting another build (kpack does the same to survive informer lag).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from niximage_operator.settings import OperatorSettings
+from niximage_operator.specs import Target
+
+GROUP = "niximage.dev"
+VERSION = "v1alpha1"
+API_VERSION = f"{GROUP}/{VERSION}"
+KIND = "NixImage"
+PLURAL = "niximages"
+
+MANAGED_BY_LABEL = "app.kubernetes.io/managed-by"
+MANAGED_BY = "niximage-operator"
+COMPONENT_LABEL = "app.kubernetes.io/component"
+COMPONENT = "builder"
+POD_LABELS = {MANAGED_BY_LABEL: MANAGED_BY, COMPONENT_LABEL: COMPONENT}
+POD_SELECTOR = ",".join(f"{k}={v}" for k, v in POD_LABELS.items())
+"""Label selector of builder pods: the operator watches only these."""
+
+KEY_LABEL = f"{GROUP}/build-key"
+"""The key's first 63 hex digits (a label value's limit), for ``kubectl get -l``."""
+KEY_ANNOTATION = f"{GROUP}/build-key"
+"""The whole build key; the operator trusts this, not the name or the label."""
+ATTEMPT_LABEL = f"{GROUP}/attempt"
+
+CONTAINER = "builder"
+TERMINATION_LOG = "/dev/termination-log"
+NAME_KEY_DIGITS = 20
+"""80 bits of the key in the name; a clash is detected through the annotation."""
+DEADLINE_MARGIN = 600
+"""Seconds a pod may run past the Nix timeout: packing and uploading come after Nix."""
+
+
+def pod_name(key: str, attempt: int) -> str:
+    return f"niximage-build-{key[:NAME_KEY_DIGITS]}-{attempt}"
+
+
+def owner_reference(owner: Mapping[str, Any], controller: bool) -> dict[str, Any]:
+    """A reference to a NixImage. A shared pod has one per NixImage; the first one is the
+    controller. blockOwnerDeletion stays off: it would need ``niximages/finalizers``
+    permission and would make deleting a NixImage wait for its builder pod."""
+    metadata = owner["metadata"]
+    return {
+        "apiVersion": API_VERSION,
+        "kind": KIND,
+        "name": metadata["name"],
+        "uid": metadata["uid"],
+        "controller": controller,
+        "blockOwnerDeletion": False,
+    }
+
+
+def builder_command(target: Target, settings: OperatorSettings) -> list[str]:
+    """``niximage build``: the builder computes the same key from the same inputs."""
+    spec = target.spec
+    return [
+        *settings.builder_command,
+        "build",
+        *spec.packages,
+        "--package-source", str(spec.source),
+        "--arch", spec.arch,
+        "--format", spec.format,
+        "--compression", spec.compression,
+        "--storage", settings.storage,
+        "--timeout", f"{settings.build_timeout:g}",
+        "--termination-log", TERMINATION_LOG,
+    ]  # fmt: skip
+
+
+def builder_pod(
+    target: Target,
+    attempt: int,
+    owner: Mapping[str, Any],
+    settings: OperatorSettings,
+) -> dict[str, Any]:
+    """The manifest of attempt ``attempt`` at building ``target``'s key."""
+    spec = target.spec
+    container: dict[str, Any] = {
+        "name": CONTAINER,
+        "image": settings.builder_image,
+        "imagePullPolicy": settings.builder_pull_policy,
+        "command": builder_command(target, settings),
+        "env": [
+            {"name": "NIXIMAGE_BUILD_KEY", "value": target.key},
+            *({"name": k, "value": v} for k, v in sorted(settings.builder_env.items())),
+        ],
+        "resources": settings.builder_resources,
+        "terminationMessagePath": TERMINATION_LOG,
+        # A builder that dies before writing its summary still explains itself: the tail
+        # of its log becomes the message (research/peers.md: kpack #253, opaque failures).
+        "terminationMessagePolicy": "FallbackToLogsOnError",
+    }
+    pod_spec: dict[str, Any] = {
+        "restartPolicy": "Never",
+        "containers": [container],
+        # Nix builds natively: an arm64 image is built on an arm64 node.
+        "nodeSelector": {"kubernetes.io/arch": spec.arch, "kubernetes.io/os": "linux"},
+        "activeDeadlineSeconds": int(settings.build_timeout) + DEADLINE_MARGIN,
+        # The builder never talks to the Kubernetes API.
+        "automountServiceAccountToken": False,
+        "enableServiceLinks": False,
+    }
+    if settings.builder_service_account:
+        pod_spec["serviceAccountName"] = settings.builder_service_account
+    if settings.nix_store_volume is not None:
+        pod_spec["volumes"] = [{"name": "nix-store", **settings.nix_store_volume}]
+        container["volumeMounts"] = [
+            {"name": "nix-store", "mountPath": settings.nix_store_mount_path}
+        ]
+    return {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {
+            "name": pod_name(target.key, attempt),
+            "namespace": target.namespace,
+            "labels": {**POD_LABELS, KEY_LABEL: target.key[:63], ATTEMPT_LABEL: str(attempt)},
+            "annotations": {
+                KEY_ANNOTATION: target.key,
+                f"{GROUP}/packages": " ".join(spec.packages),
+                f"{GROUP}/package-source": str(spec.source),
+            },
+            "ownerReferences": [owner_reference(owner, controller=True)],
+        },
+        "spec": pod_spec,
+    }

@@ -1,0 +1,396 @@
+"""Reconciling NixImages and following builder pods: the pure decisions, put to work.
+
+Imports the pure modules, kube and the builder's storage and build helpers; never kopf.
+Handlers (handlers.py) pass in what kopf knows (the body, the indexes of builder pods and
+NixImages) and turn a ``Reconciled`` into a status patch, events and a retry. Blocking
+storage calls run in threads so one slow bucket does not stall every other resource.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import time
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+from niximage_builder import build
+from niximage_builder.digest import Digest
+from niximage_builder.errors import InvalidInput, NixImageError
+from niximage_builder.result import BuildResult
+from niximage_builder.storage import factory
+from niximage_builder.storage.base import Storage
+from niximage_operator import conditions, decisions, observations, podspec, specs
+from niximage_operator.kube import AlreadyExists, Kube, KubeError
+from niximage_operator.observations import BuildFailure, PodObservation
+from niximage_operator.settings import OperatorSettings
+
+RESERVATION_TTL = 120.0
+"""Seconds a pod we created counts as running before the watch has shown it to us."""
+KUBE_RETRY_DELAY = 10.0
+
+PodsOf = Callable[[str, str], Iterable[PodObservation]]
+"""Builder pods of (namespace, build key), from kopf's index."""
+
+
+class Slots:
+    """Counts builder pods that hold a build slot, cluster-wide, in this operator.
+
+    The watch shows pods a moment after they are created, so pods created here count
+    from creation until the watch has them (or a while has passed). The lock makes
+    "count, then create" one step across concurrently running handlers.
+    """
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.lock = asyncio.Lock()
+        self._reserved: dict[tuple[str, str], float] = {}
+
+    def in_use(self, pods: Iterable[PodObservation], now: float) -> int:
+        pods = list(pods)
+        seen = {(pod.namespace, pod.name) for pod in pods}
+        active = {(pod.namespace, pod.name) for pod in pods if pod.active}
+        self._reserved = {
+            name: since
+            for name, since in self._reserved.items()
+            if name not in seen and now - since < RESERVATION_TTL
+        }
+        return len(active | set(self._reserved))
+
+    def reserve(self, namespace: str, name: str, now: float) -> None:
+        self._reserved[(namespace, name)] = now
+
+
+@dataclass
+class Context:
+    """What every handler needs; lives in kopf's memo for the operator's lifetime."""
+
+    settings: OperatorSettings
+    package_sources: specs.PackageSources
+    storage: Storage
+    kube: Kube
+    slots: Slots
+    clock: Callable[[], datetime] = field(default=lambda: datetime.now(UTC))
+
+    @classmethod
+    def open(cls, settings: OperatorSettings) -> Context:
+        sources = specs.PackageSources.configure(
+            settings.default_package_source, settings.package_sources
+        )
+        return cls(
+            settings=settings,
+            package_sources=sources,
+            storage=factory.open_storage(settings.storage),
+            kube=Kube.from_environment(),
+            slots=Slots(settings.max_concurrent_builds),
+        )
+
+    def close(self) -> None:
+        self.storage.close()
+        self.kube.close()
+
+
+@dataclass(frozen=True)
+class Reconciled:
+    """What one reconcile wants written and said."""
+
+    status: dict[str, Any]
+    """A merge patch for ``.status``; empty when nothing changed."""
+    events: list[conditions.Event]
+    retry_after: float | None = None
+    retry_message: str = ""
+
+
+@dataclass(frozen=True)
+class ImageEntry:
+    """A NixImage in the by-build-key index."""
+
+    name: str
+    builder: tuple[str | None, str | None]
+    """``(status.builderPod, status.builderPhase)``: the last news it was given."""
+
+
+def index_image(body: Mapping[str, Any], sources: specs.PackageSources) -> dict[Any, ImageEntry]:
+    """The by-build-key index entry of a NixImage (none for an invalid spec)."""
+    try:
+        target = specs.resolve(body, sources)
+    except InvalidInput:
+        return {}
+    status = body.get("status") or {}
+    builder = (status.get("builderPod"), status.get("builderPhase"))
+    return {(target.namespace, target.key): ImageEntry(target.name, builder)}
+
+
+def index_pod(body: Mapping[str, Any]) -> dict[Any, PodObservation]:
+    observation = observations.observe(body)
+    if observation is None:
+        return {}
+    return {(observation.namespace, observation.key): observation}
+
+
+async def reconcile(
+    ctx: Context,
+    body: Mapping[str, Any],
+    pods_of: PodsOf,
+    all_pods: Callable[[], Iterable[PodObservation]],
+    retry: int,
+) -> Reconciled:
+    """Bring one NixImage's build and status in line with its spec."""
+    old = dict(body.get("status") or {})
+    generation = int((body.get("metadata") or {}).get("generation") or 0)
+    try:
+        target = specs.resolve(body, ctx.package_sources)
+    except InvalidInput as exc:
+        return _finish(ctx, old, conditions.invalid(str(exc)), None, generation)
+    try:
+        return await _reconcile_target(ctx, body, target, old, pods_of, all_pods, retry)
+    except NixImageError as exc:  # storage, seen by the operator itself
+        return _storage_trouble(ctx, old, target, exc, retry)
+    except KubeError as exc:
+        return Reconciled({}, [], KUBE_RETRY_DELAY, str(exc))
+
+
+async def _reconcile_target(
+    ctx: Context,
+    body: Mapping[str, Any],
+    target: specs.Target,
+    old: dict[str, Any],
+    pods_of: PodsOf,
+    all_pods: Callable[[], Iterable[PodObservation]],
+    retry: int,
+) -> Reconciled:
+    result, stored = await _stored(ctx, target)
+    previous = int(old.get("attempts") or 0) if old.get("buildKey") == target.key else 0
+    pods = tuple(pods_of(target.namespace, target.key))
+    # More than one round only when another creator beat us to the pod: decide again
+    # with that pod, which may already have finished.
+    for _ in range(3):
+        world = decisions.World(target, result, stored, pods, previous, ctx.clock())
+        decision = decisions.decide(world, ctx.settings.max_attempts, ctx.settings.retry_backoff)
+        if not isinstance(decision, decisions.Start):
+            return await _follow(ctx, body, target, old, decision)
+        started = await _start(ctx, body, target, decision, all_pods)
+        if isinstance(started, Reconciled):
+            return started
+        pod, created = started
+        if pod.key != target.key:
+            clash = BuildFailure(
+                "BuildFailed",
+                f"pod {pod.namespace}/{pod.name} belongs to build key {pod.key}, not {target.key}",
+                transient=False,
+            )
+            return _finish(ctx, old, conditions.failed(clash, None, previous), target)
+        if created:
+            done = _finish(ctx, old, conditions.waiting(pod, decision.attempt), target)
+            if decision.after is None:
+                return done
+            # The failed attempt may never have shown in the status (its backoff had already
+            # passed): say what happened in an event.
+            retried = conditions.Event(
+                True,
+                decision.after.reason,
+                f"attempt {decision.attempt - 1} failed: {decision.after.message}; "
+                f"started attempt {decision.attempt}",
+            )
+            return dataclasses.replace(done, events=[retried, *done.events])
+        pods = (*(p for p in pods if p.name != pod.name), pod)
+    return Reconciled({}, [], 1.0, "builder pods keep changing; looking again")
+
+
+async def _follow(
+    ctx: Context,
+    body: Mapping[str, Any],
+    target: specs.Target,
+    old: dict[str, Any],
+    decision: decisions.Decision,
+) -> Reconciled:
+    """Report a decision that needs no new pod."""
+    match decision:
+        case decisions.UseResult(result=result, pod=pod, attempts=attempts):
+            await asyncio.to_thread(_record_tag, ctx.storage, target, result, old)
+            report = conditions.ready(target, result, pod, attempts, ctx.settings.registry)
+            return _finish(ctx, old, report, target)
+        case decisions.Wait(pod=pod, attempts=attempts):
+            await _adopt(ctx, body, pod)
+            return _finish(ctx, old, conditions.waiting(pod, attempts), target)
+        case decisions.Backoff(failure=failure, pod=pod, attempts=attempts, delay=delay):
+            await _adopt(ctx, body, pod)
+            report = conditions.backing_off(failure, pod, attempts, delay)
+            return _finish(ctx, old, report, target, retry_after=delay)
+        case decisions.Fail(failure=failure, pod=pod, attempts=attempts):
+            if pod is not None:
+                await _adopt(ctx, body, pod)
+            return _finish(ctx, old, conditions.failed(failure, pod, attempts), target)
+    raise AssertionError(f"unexpected decision {decision!r}")
+
+
+async def _start(
+    ctx: Context,
+    body: Mapping[str, Any],
+    target: specs.Target,
+    start: decisions.Start,
+    all_pods: Callable[[], Iterable[PodObservation]],
+) -> tuple[PodObservation, bool] | Reconciled:
+    """Create the builder pod (True), or adopt it if it exists (False); or queue when no
+    build slot is free."""
+    name = podspec.pod_name(target.key, start.attempt)
+    slots = ctx.slots
+    async with slots.lock:
+        in_use = slots.in_use(all_pods(), time.monotonic())
+        if in_use >= slots.limit:
+            old = dict(body.get("status") or {})
+            report = conditions.queued(in_use, slots.limit, start.attempt, start.after)
+            return _finish(ctx, old, report, target, retry_after=ctx.settings.queue_recheck)
+        manifest = podspec.builder_pod(target, start.attempt, body, ctx.settings)
+        created = True
+        try:
+            pod = await ctx.kube.create_pod(manifest)
+            slots.reserve(target.namespace, name, time.monotonic())
+        except AlreadyExists:
+            created = False
+            found = await ctx.kube.add_pod_owner(target.namespace, name, body)
+            if found is None:  # deleted between our create and our read: look again soon
+                return Reconciled({}, [], 1.0, f"builder pod {name} vanished, looking again")
+            pod = found
+    observation = observations.observe(pod)
+    if observation is None:
+        raise KubeError(0, f"pod {target.namespace}/{name} exists but is not a builder pod")
+    return observation, created
+
+
+async def _adopt(ctx: Context, body: Mapping[str, Any], pod: PodObservation) -> None:
+    """Own a builder pod this NixImage relies on, so it lives as long as one owner does."""
+    uid = (body.get("metadata") or {}).get("uid")
+    if pod.phase != "Deleted" and uid and uid not in pod.owners:
+        await ctx.kube.add_pod_owner(pod.namespace, pod.name, body)
+
+
+async def _stored(
+    ctx: Context, target: specs.Target
+) -> tuple[BuildResult | None, BuildFailure | None]:
+    def read() -> tuple[BuildResult | None, BuildFailure | None]:
+        result = build.cached_result(ctx.storage, target.key)
+        if result is not None or not target.pinned:
+            return result, None
+        raw = ctx.storage.read(build.build_key_path(target.key))
+        try:
+            recorded = BuildResult.from_json(raw) if raw is not None else None
+        except ValueError:
+            recorded = None
+        return None, decisions.stored_failure(recorded)
+
+    return await asyncio.to_thread(read)
+
+
+def _record_tag(
+    storage: Storage, target: specs.Target, result: BuildResult, old: Mapping[str, Any]
+) -> None:
+    """Point ``tags/<namespace>/<name>/<tag>`` at the image; drop a tag the spec left."""
+    if build.read_tag(storage, target.repository, target.tag) != _digest(result):
+        build.record_tag(storage, target.repository, target.tag, result)
+    previous = previous_tag(old)
+    if previous is not None and previous != target.tag:
+        storage.delete(build.tag_path(target.repository, previous))
+
+
+def _digest(result: BuildResult) -> Digest | None:
+    return Digest.parse(result.manifestDigest) if result.manifestDigest else None
+
+
+def previous_tag(status: Mapping[str, Any]) -> str | None:
+    """The tag of ``status.image`` (``registry/namespace/name:tag``)."""
+    image = status.get("image")
+    if not isinstance(image, str) or ":" not in image.rsplit("/", 1)[-1]:
+        return None
+    return image.rsplit(":", 1)[1]
+
+
+def _storage_trouble(
+    ctx: Context, old: dict[str, Any], target: specs.Target, exc: Exception, retry: int
+) -> Reconciled:
+    settings = ctx.settings
+    delay = settings.storage_backoff(retry)
+    message = f"storage {settings.storage}: {exc}; retrying in {delay:.0f} s"
+    ready: Mapping[str, Any] = next(
+        (c for c in old.get("conditions") or () if c.get("type") == "Ready"), {}
+    )
+    if (
+        ready.get("status") == "True"
+        and old.get("buildKey") == target.key
+        and old.get("observedGeneration") == target.generation
+    ):
+        # Already Ready for this very spec: a storage blip is no reason to flap.
+        return Reconciled({}, [], delay, message)
+    report = conditions.storage_unavailable(message)
+    return _finish(ctx, old, report, target, retry_after=delay)
+
+
+def _finish(
+    ctx: Context,
+    old: dict[str, Any],
+    report: conditions.Report,
+    target: specs.Target | None,
+    generation: int = 0,
+    retry_after: float | None = None,
+    retry_message: str = "",
+) -> Reconciled:
+    """The status patch and events that take ``old`` to ``report``."""
+    if target is not None:
+        generation = target.generation
+    key = target.key if target is not None else None
+    new = conditions.desired_status(old, report, generation, key, ctx.clock())
+    return Reconciled(
+        conditions.status_patch(old, new),
+        conditions.events(old, new),
+        retry_after,
+        retry_message or report.ready.message,
+    )
+
+
+async def report_pod(
+    ctx: Context,
+    pod: Mapping[str, Any],
+    deleted: bool,
+    images_of: Callable[[str, str], Iterable[ImageEntry]],
+    pods_of: PodsOf,
+) -> None:
+    """Tell the NixImages waiting for a builder pod that its phase changed."""
+    observation = observations.observe(pod, deleted=deleted)
+    if observation is None:
+        return
+    namespace, key = observation.namespace, observation.key
+    latest = decisions.latest_pod(pods_of(namespace, key))
+    if latest is not None and latest.attempt > observation.attempt:
+        return  # news of an attempt that a newer one replaced
+
+    def still_wants(image: Mapping[str, Any]) -> bool:
+        return any(k == (namespace, key) for k in index_image(image, ctx.package_sources))
+
+    news = (observation.name, observation.phase)
+    waiting = [entry.name for entry in images_of(namespace, key) if entry.builder != news]
+    outcomes = await asyncio.gather(
+        *(ctx.kube.nudge_image(namespace, name, still_wants, *news) for name in waiting),
+        return_exceptions=True,
+    )
+    for outcome in outcomes:  # all were tried; kopf logs the first failure
+        if isinstance(outcome, BaseException):
+            raise outcome
+
+
+async def forget(ctx: Context, body: Mapping[str, Any]) -> None:
+    """Remove the tag mappings of a deleted NixImage (storage errors propagate)."""
+    metadata = body.get("metadata") or {}
+    repository = f"{metadata.get('namespace')}/{metadata.get('name')}"
+    tags = {(body.get("spec") or {}).get("tag"), previous_tag(body.get("status") or {})}
+
+    def delete() -> None:
+        for tag in tags:
+            try:
+                path = build.tag_path(repository, str(tag))
+            except InvalidInput:
+                continue
+            ctx.storage.delete(path)
+
+    await asyncio.to_thread(delete)

@@ -1,0 +1,75 @@
+"""Running the operator: kopf's settings and the kopf operator itself, in this process.
+
+Imports kopf, handlers (which registers them), reconciling and settings. kopf runs
+in-process with the handlers module imported by name (never ``kopf run path.py``, which
+would put this package's folder on ``sys.path``: research/aesthetics.md §7).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+
+import kopf
+
+from niximage_operator import handlers, podspec, reconciling
+from niximage_operator.settings import OperatorSettings
+
+COMPONENT = "niximage-operator"
+
+
+def kopf_settings(config: OperatorSettings) -> kopf.OperatorSettings:
+    """kopf's knobs, each set for a reason."""
+    settings = kopf.OperatorSettings()
+    # Our own names for what kopf stores on our objects, so they read as ours and do not
+    # mix with another kopf operator's on the same resources.
+    settings.persistence.finalizer = f"{podspec.GROUP}/finalizer"
+    settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=podspec.GROUP)
+    settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
+        prefix=podspec.GROUP, key="last-handled-configuration"
+    )
+    # Only builder pods: the API server filters, so the operator never holds every pod
+    # of the cluster in memory.
+    settings.watching.label_selectors[handlers.PODS] = podspec.POD_SELECTOR
+    # A watch request ends after this long and kopf resumes it from the last version.
+    settings.watching.server_timeout = config.watch_timeout
+    settings.watching.client_timeout = config.watch_timeout + 60
+    # Events come only from kopf.info/warn calls (one per condition change), never from
+    # log lines; they carry the operator's name.
+    settings.posting.level = logging.INFO
+    settings.posting.reporting_component = COMPONENT
+    settings.posting.reporting_instance = socket.gethostname()
+    # One replica (Deployment strategy Recreate): no peering objects, no peering RBAC.
+    settings.peering.standalone = True
+    return settings
+
+
+async def operate(
+    config: OperatorSettings,
+    *,
+    stop_flag: asyncio.Event | None = None,
+    ready_flag: asyncio.Event | None = None,
+    context: reconciling.Context | None = None,
+) -> None:
+    """Run until stopped (``stop_flag`` or cancellation)."""
+    context = context or reconciling.Context.open(config)
+    try:
+        await kopf.operator(
+            registry=kopf.get_default_registry(),
+            settings=kopf_settings(config),
+            standalone=True,
+            clusterwide=not config.namespaces,
+            namespaces=config.namespaces,
+            liveness_endpoint=config.liveness,
+            memo=kopf.Memo(context=context),
+            stop_flag=stop_flag,
+            ready_flag=ready_flag,
+        )
+    finally:
+        context.close()
+
+
+def run(config: OperatorSettings) -> None:
+    """Block until the operator exits (SIGINT/SIGTERM stop it gracefully)."""
+    asyncio.run(operate(config))

@@ -1,0 +1,100 @@
+"""The operator's configuration: environment variables (``NIXIMAGE_OPERATOR_*``) and flags.
+
+Pure; imports nothing of ours. Read once, when the operator starts, and passed down
+explicitly (in kopf's memo), never read at import time: a decorator argument is import
+time, and a value read there would ignore the environment (research/aesthetics.md §3.1).
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+ENV_PREFIX = "NIXIMAGE_OPERATOR_"
+
+DEFAULT_RESOURCES: dict[str, Any] = {
+    "requests": {"cpu": "1", "memory": "1Gi"},
+    "limits": {"memory": "4Gi"},
+}
+
+
+class OperatorSettings(BaseSettings):
+    """Everything the operator needs to know about its cluster and its builders."""
+
+    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, frozen=True, extra="forbid")
+
+    storage: str
+    """Storage URL shared with the builders and the registry: ``gs://bucket[/prefix]`` or a
+    directory every builder pod and the operator see at the same path."""
+    registry: str
+    """Registry host (and port) in image references: ``<registry>/<namespace>/<name>:<tag>``."""
+    default_package_source: str
+    """Package source of a NixImage without ``spec.packageSource``, in the builder's text
+    form. A ``path:`` source must be pinned (``path:/dir#sha256-…``): the operator never
+    runs Nix, and its build key must equal the builder's."""
+    package_sources: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    """More pinned ``path:`` sources the builder image holds (comma-separated in the
+    environment); a NixImage may name them by path."""
+
+    builder_image: str
+    """The image builder pods run: the operator's own image, which has ``niximage`` and Nix."""
+    builder_command: Annotated[list[str], NoDecode] = Field(default_factory=lambda: ["niximage"])
+    builder_pull_policy: Literal["Always", "IfNotPresent", "Never"] = "IfNotPresent"
+    builder_resources: dict[str, Any] = Field(default_factory=lambda: dict(DEFAULT_RESOURCES))
+    """A container ``resources`` stanza (JSON in the environment)."""
+    builder_service_account: str | None = None
+    """Service account of builder pods (in each NixImage's namespace), e.g. for GCS access."""
+    builder_env: dict[str, str] = Field(default_factory=dict)
+    """Extra environment variables of the builder container (JSON in the environment)."""
+    nix_store_volume: dict[str, Any] | None = None
+    """A Kubernetes volume source for the Nix store (JSON), e.g.
+    ``{"persistentVolumeClaim": {"claimName": "nix-store"}}``; without it each build starts
+    from an empty store."""
+    nix_store_mount_path: str = "/nix"
+
+    max_concurrent_builds: int = Field(default=4, ge=1)
+    """Builder pods that may run at once, cluster-wide; the rest wait (BuilderPending)."""
+    build_timeout: float = Field(default=3600.0, gt=0)
+    """Seconds a build may take (Nix's limit; the pod's deadline adds a margin for upload)."""
+    max_attempts: int = Field(default=5, ge=1)
+    """Builder pods tried per build key before a transient failure becomes final."""
+    retry_delay: float = Field(default=10.0, gt=0)
+    """Seconds before the second attempt; doubled per attempt up to ``retry_max_delay``."""
+    retry_max_delay: float = Field(default=600.0, gt=0)
+    queue_recheck: float = Field(default=15.0, gt=0)
+    """Seconds between checks for a free build slot while a build waits."""
+    storage_retry_delay: float = Field(default=15.0, gt=0)
+    """First delay before retrying after the operator itself could not use storage."""
+
+    namespaces: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    """Namespaces to watch (comma-separated); empty means the whole cluster."""
+    liveness: str | None = None
+    """kopf's liveness endpoint, e.g. ``http://0.0.0.0:8080/healthz``."""
+    watch_timeout: float = Field(default=300.0, gt=0)
+    """Server-side timeout of one watch request; kopf reconnects from the last version."""
+
+    @field_validator("package_sources", "builder_command", "namespaces", mode="before")
+    @classmethod
+    def _comma_list(cls, value: Any) -> Any:
+        # Environment variables hold "a,b"; flags and code pass lists.
+        if isinstance(value, str):
+            return [part.strip() for part in value.split(",") if part.strip()]
+        return value
+
+    @field_validator("builder_command")
+    @classmethod
+    def _command(cls, value: list[str]) -> list[str]:
+        if not value:
+            raise ValueError("builder_command must name the niximage program")
+        return value
+
+    def retry_backoff(self, failed_attempts: int) -> float:
+        """Seconds to wait after ``failed_attempts`` failures: doubling, capped."""
+        exponent = max(0, failed_attempts - 1)
+        return min(self.retry_max_delay, self.retry_delay * 2.0**exponent)
+
+    def storage_backoff(self, retries: int) -> float:
+        """Seconds to wait after the operator's ``retries``-th failed storage access."""
+        return min(self.retry_max_delay, self.storage_retry_delay * 2.0 ** min(retries, 16))

@@ -1,0 +1,139 @@
+"""What a NixImage asks for: its spec resolved into the builder's image spec and build key.
+
+Pure; imports the builder's resource, sources, imagespec and errors modules only. The
+operator never runs Nix, yet its build key must equal the one ``niximage build`` computes
+in the pod, or a cached result is never found and a shared build is never shared. So the
+package source is resolved here to exactly what the builder will use: a ``path:`` source
+must be one the operator is configured with, pinned by its NAR hash, and every source
+must survive the trip through the builder's command line unchanged.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from niximage_builder import imagespec, reference, resource, sources
+from niximage_builder.errors import InvalidInput
+from niximage_builder.sources import PathSource
+
+Source = sources.PathSource | sources.NixpkgsSource | sources.GitSource
+
+
+@dataclass(frozen=True)
+class PackageSources:
+    """The package sources the operator can hand to builders."""
+
+    default: Source
+    paths: tuple[PathSource, ...]
+    """Pinned local sources present in the builder image, by path."""
+
+    @classmethod
+    def configure(cls, default: str, extra_paths: Iterable[str] = ()) -> PackageSources:
+        """Parse the operator's configuration; raises ``InvalidInput`` naming the problem."""
+        parsed_default = sources.parse_source(default)
+        parsed = [sources.parse_source(text) for text in extra_paths]
+        if isinstance(parsed_default, PathSource):
+            parsed.insert(0, parsed_default)
+        paths: dict[str, PathSource] = {}
+        for source in parsed:
+            if not isinstance(source, PathSource):
+                raise InvalidInput(f"package source {source} is not a path: source")
+            if not source.pinned:
+                raise InvalidInput(
+                    f"package source {source} is not pinned: give it as path:{source.path}#"
+                    f"<narHash> (nix hash path --type sha256 --sri {source.path})"
+                )
+            paths.setdefault(source.path, source)
+        return cls(default=parsed_default, paths=tuple(paths.values()))
+
+    def resolve(self, requested: Mapping[str, Any] | str | None) -> Source:
+        """The source a builder uses for ``spec.packageSource`` (None: the default)."""
+        source = (
+            self.default
+            if requested is None
+            else sources.parse_source(
+                dict(requested) if isinstance(requested, Mapping) else requested
+            )
+        )
+        if isinstance(source, PathSource):
+            source = self._known_path(source)
+        # The builder gets the source as text (--package-source); a source whose text form
+        # reads back differently (a git rev *and* ref) would build under another key.
+        if sources.parse_source(str(source)) != source:
+            raise InvalidInput(
+                f"package source {source} is ambiguous on the builder's command line: "
+                "give a git rev or a ref, not both"
+            )
+        return source
+
+    def _known_path(self, source: PathSource) -> PathSource:
+        known = next((p for p in self.paths if p.path == source.path), None)
+        if known is None:
+            offered = ", ".join(p.path for p in self.paths) or "none"
+            raise InvalidInput(
+                f"package source path {source.path} is not available to builders "
+                f"(the operator offers: {offered})"
+            )
+        if source.narHash is not None and source.narHash != known.narHash:
+            raise InvalidInput(
+                f"package source {source} does not match the builders' copy of {source.path} "
+                f"({known.narHash})"
+            )
+        return known
+
+
+@dataclass(frozen=True)
+class Target:
+    """One NixImage's wish, resolved: what to build, under which key, where to tag it."""
+
+    namespace: str
+    name: str
+    uid: str
+    generation: int
+    spec: imagespec.ImageSpec
+    key: str
+    tag: str
+
+    @property
+    def repository(self) -> str:
+        """``<namespace>/<name>``: the registry name, and the tag path in storage."""
+        return f"{self.namespace}/{self.name}"
+
+    @property
+    def pinned(self) -> bool:
+        """Only a pinned source makes a stored result reusable (DESIGN.md §2)."""
+        return self.spec.source.pinned
+
+
+def resolve(body: Mapping[str, Any], package_sources: PackageSources) -> Target:
+    """Parse a NixImage body; raises ``InvalidInput`` saying what is wrong with the spec."""
+    metadata = body.get("metadata") or {}
+    image = resource.parse_resource(
+        {key: body.get(key) for key in ("apiVersion", "kind", "metadata", "spec")}
+    )
+    if not image.metadata.namespace:
+        raise InvalidInput("a NixImage in a cluster must have a namespace")
+    try:
+        source = package_sources.resolve(image.spec.packageSource)
+    except InvalidInput as exc:
+        raise InvalidInput(f"spec.packageSource: {exc}") from exc
+    spec = imagespec.make_spec(
+        image.spec.packages,
+        source,
+        arch=image.spec.arch,
+        format=image.spec.format,
+        compression=image.spec.compression,
+    )
+    # Kubernetes names always fit the registry's grammar; checked anyway, as storage keys.
+    reference.check_repository(f"{image.metadata.namespace}/{image.metadata.name}")
+    return Target(
+        namespace=image.metadata.namespace,
+        name=image.metadata.name,
+        uid=str(metadata.get("uid") or ""),
+        generation=int(metadata.get("generation") or 0),
+        spec=spec,
+        key=spec.build_key(),
+        tag=image.spec.tag,
+    )

@@ -1,0 +1,115 @@
+"""podspec: the builder pod manifest, a pure function of the target and the settings."""
+
+from __future__ import annotations
+
+from kubernetes import client
+from operator_samples import UID, body, settings, target
+
+from niximage_operator import podspec
+
+
+def test_the_name_comes_from_the_key_and_attempt() -> None:
+    key = target().key
+    assert podspec.pod_name(key, 1) == f"niximage-build-{key[:20]}-1"
+    assert podspec.pod_name(key, 2) != podspec.pod_name(key, 1)
+    assert len(podspec.pod_name(key, 99)) <= 63
+
+
+def test_the_pod_runs_niximage_build_once_with_the_termination_log() -> None:
+    resolved = target(packages=("jq", "bash"), arch="arm64")
+    pod = podspec.builder_pod(resolved, 3, body(), settings(build_timeout=900))
+    spec = pod["spec"]
+    [container] = spec["containers"]
+    assert spec["restartPolicy"] == "Never"
+    assert container["image"] == "ghcr.io/example/niximage:1"
+    assert container["terminationMessagePath"] == "/dev/termination-log"
+    assert container["terminationMessagePolicy"] == "FallbackToLogsOnError"
+    assert container["command"][:2] == ["niximage", "build"]
+    command = container["command"]
+    assert command[2:6] == ["bash", "cacert", "iana-etc", "jq"]
+    flags = dict(zip(command[6::2], command[7::2], strict=True))
+    assert flags == {
+        "--package-source": str(resolved.spec.source),
+        "--arch": "arm64",
+        "--format": "oci",
+        "--compression": "gzip",
+        "--storage": "gs://niximage-test",
+        "--timeout": "900",
+        "--termination-log": "/dev/termination-log",
+    }
+    assert spec["nodeSelector"] == {"kubernetes.io/arch": "arm64", "kubernetes.io/os": "linux"}
+    assert spec["activeDeadlineSeconds"] == 900 + podspec.DEADLINE_MARGIN
+    assert spec["automountServiceAccountToken"] is False
+    assert container["resources"] == settings().builder_resources
+    assert {"name": "NIXIMAGE_BUILD_KEY", "value": resolved.key} in container["env"]
+
+
+def test_labels_annotations_and_owner() -> None:
+    resolved = target()
+    metadata = podspec.builder_pod(resolved, 2, body(), settings())["metadata"]
+    assert metadata["namespace"] == "default"
+    assert metadata["labels"] == {
+        "app.kubernetes.io/managed-by": "niximage-operator",
+        "app.kubernetes.io/component": "builder",
+        "niximage.dev/build-key": resolved.key[:63],
+        "niximage.dev/attempt": "2",
+    }
+    assert metadata["annotations"]["niximage.dev/build-key"] == resolved.key
+    assert metadata["ownerReferences"] == [
+        {
+            "apiVersion": "niximage.dev/v1alpha1",
+            "kind": "NixImage",
+            "name": "jq",
+            "uid": UID,
+            "controller": True,
+            "blockOwnerDeletion": False,
+        }
+    ]
+    assert podspec.owner_reference(body(), controller=False)["controller"] is False
+
+
+def test_configured_store_volume_service_account_and_env() -> None:
+    configured = settings(
+        builder_service_account="builder",
+        nix_store_volume={"persistentVolumeClaim": {"claimName": "nix"}},
+        nix_store_mount_path="/nix",
+        builder_env={"NIX_CONFIG": "max-jobs = 4"},
+        builder_command=["/usr/bin/niximage"],
+        builder_pull_policy="Always",
+    )
+    pod = podspec.builder_pod(target(), 1, body(), configured)
+    spec = pod["spec"]
+    [container] = spec["containers"]
+    assert spec["serviceAccountName"] == "builder"
+    assert spec["volumes"] == [{"name": "nix-store", "persistentVolumeClaim": {"claimName": "nix"}}]
+    assert container["volumeMounts"] == [{"name": "nix-store", "mountPath": "/nix"}]
+    assert {"name": "NIX_CONFIG", "value": "max-jobs = 4"} in container["env"]
+    assert container["command"][0] == "/usr/bin/niximage"
+    assert container["imagePullPolicy"] == "Always"
+
+
+def test_without_a_store_volume_there_is_none() -> None:
+    spec = podspec.builder_pod(target(), 1, body(), settings())["spec"]
+    assert "volumes" not in spec and "volumeMounts" not in spec["containers"][0]
+    assert "serviceAccountName" not in spec
+
+
+def test_the_same_key_gives_the_same_pod_whoever_asks() -> None:
+    one = podspec.builder_pod(target(name="a", packages=("jq",)), 1, body(name="a"), settings())
+    two = podspec.builder_pod(target(name="b", packages=("jq",)), 1, body(name="b"), settings())
+    assert one["spec"] == two["spec"]
+    assert one["metadata"]["name"] == two["metadata"]["name"]
+
+
+def test_the_manifest_is_a_pod_the_official_model_knows_field_by_field() -> None:
+    """An offline schema check: the kubernetes client's typed V1Pod drops unknown fields
+    and refuses wrong types, so a manifest that survives the round trip unchanged uses
+    only real Pod fields with the right types."""
+    configured = settings(
+        builder_service_account="builder",
+        nix_store_volume={"persistentVolumeClaim": {"claimName": "nix"}},
+        builder_env={"NIX_CONFIG": "max-jobs = 4"},
+    )
+    manifest = podspec.builder_pod(target(arch="arm64"), 2, body(), configured)
+    typed = client.V1Pod.from_dict(manifest)
+    assert client.ApiClient().sanitize_for_serialization(typed) == manifest

@@ -1,0 +1,71 @@
+"""The whole path: ``kubectl apply`` → operator → builder pod → storage → ``niximage serve``
+→ ``podman pull <registry>/<namespace>/<name>:<tag>``, and the pulled digest is the status's."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import subprocess
+import sys
+import tempfile
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import pytest_asyncio
+from apiserver import ApiServer
+from kubelet import Kubelet
+from operator_harness import NAMESPACE, apply, eventually, nix_image, ready
+
+from testsupport import env, require
+
+pytestmark = [pytest.mark.asyncio, pytest.mark.nix, pytest.mark.clients]
+
+
+@pytest_asyncio.fixture
+async def registry(storage_dir: Path) -> AsyncIterator[str]:
+    """``niximage serve`` on a free port; yields host:port."""
+    require("podman")
+    command = [sys.executable, "-m", "niximage_builder", "serve", "--storage", str(storage_dir)]
+    command += ["--listen", "127.0.0.1:0", "--no-access-log"]
+    process = await asyncio.create_subprocess_exec(
+        *command, stderr=asyncio.subprocess.PIPE, env=env()
+    )
+    assert process.stderr is not None
+    try:
+        line = await asyncio.wait_for(process.stderr.readline(), 30)
+        address = json.loads(line)["address"]
+        yield address
+    finally:
+        process.terminate()
+        await process.wait()
+
+
+def podman(root: Path, *args: str) -> str:
+    # A store of its own, not the machine's; podman wants a short runroot path.
+    storage = ["--root", str(root / "root"), "--runroot", str(root / "run")]
+    done = subprocess.run(["podman", *storage, *args], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    return done.stdout.strip()
+
+
+async def test_the_tag_is_pullable_with_podman(
+    apiserver: ApiServer,
+    kubelet: Kubelet,
+    start_operator: Any,
+    registry: str,
+) -> None:
+    await start_operator()
+    await apply(apiserver, nix_image("jq", ["jq", "bash"], tag="1.0"))
+    obj = await eventually(lambda: ready(apiserver, "jq"), timeout=60)
+    reference = f"{registry}/{NAMESPACE}/jq:1.0"
+    with tempfile.TemporaryDirectory(prefix="pm-", dir="/tmp") as scratch:
+        root = Path(scratch)
+        await asyncio.to_thread(podman, root, "pull", "--tls-verify=false", reference)
+        digest = await asyncio.to_thread(
+            podman, root, "image", "inspect", "--format", "{{.Digest}}", reference
+        )
+        assert digest == obj["status"]["digest"]
+        by_digest = obj["status"]["imageDigest"].replace("registry.test:5000", registry)
+        await asyncio.to_thread(podman, root, "pull", "--tls-verify=false", by_digest)

@@ -1,0 +1,81 @@
+"""settings and command: the environment, the flags, and the errors when they are wrong."""
+
+from __future__ import annotations
+
+import argparse
+
+import pytest
+from operator_samples import SOURCE
+
+from niximage_operator import command
+from niximage_operator.settings import OperatorSettings
+
+REQUIRED = {
+    "NIXIMAGE_OPERATOR_STORAGE": "gs://bucket/images",
+    "NIXIMAGE_OPERATOR_REGISTRY": "registry.example:5000",
+    "NIXIMAGE_OPERATOR_BUILDER_IMAGE": "ghcr.io/example/niximage:1",
+    "NIXIMAGE_OPERATOR_DEFAULT_PACKAGE_SOURCE": SOURCE,
+}
+
+
+@pytest.fixture
+def environment(monkeypatch: pytest.MonkeyPatch) -> pytest.MonkeyPatch:
+    for name, value in REQUIRED.items():
+        monkeypatch.setenv(name, value)
+    return monkeypatch
+
+
+def parse(*argv: str) -> argparse.Namespace:
+    parser = argparse.ArgumentParser()
+    command.add_arguments(parser)
+    return parser.parse_args(argv)
+
+
+def test_settings_come_from_the_environment(environment: pytest.MonkeyPatch) -> None:
+    environment.setenv("NIXIMAGE_OPERATOR_NAMESPACES", "team-a, team-b")
+    environment.setenv("NIXIMAGE_OPERATOR_BUILDER_RESOURCES", '{"limits": {"memory": "8Gi"}}')
+    environment.setenv("NIXIMAGE_OPERATOR_MAX_CONCURRENT_BUILDS", "9")
+    environment.setenv("NIXIMAGE_OPERATOR_NIX_STORE_VOLUME", '{"emptyDir": {}}')
+    config = OperatorSettings()  # type: ignore[call-arg]
+    assert config.storage == "gs://bucket/images"
+    assert config.namespaces == ["team-a", "team-b"]
+    assert config.builder_resources == {"limits": {"memory": "8Gi"}}
+    assert config.max_concurrent_builds == 9
+    assert config.nix_store_volume == {"emptyDir": {}}
+    assert config.builder_command == ["niximage"]
+
+
+def test_flags_win_over_the_environment(environment: pytest.MonkeyPatch) -> None:
+    resources = '{"requests": {"cpu": "2"}}'
+    flags = ["--registry", "other:443", "--namespace", "x", "--namespace", "y"]
+    args = parse(*flags, "--max-concurrent-builds", "2", "--builder-resources", resources)
+    config = command.settings_from(args)
+    assert config.registry == "other:443"
+    assert config.namespaces == ["x", "y"]
+    assert config.max_concurrent_builds == 2
+    assert config.builder_resources == {"requests": {"cpu": "2"}}
+    assert config.storage == "gs://bucket/images"
+
+
+def test_missing_settings_name_the_variable_and_the_flag(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    for name in REQUIRED:
+        monkeypatch.delenv(name, raising=False)
+    assert command.run(parse("--storage", "/srv/images")) == command.EXIT_CONFIGURATION
+    error = capsys.readouterr().err
+    assert "$NIXIMAGE_OPERATOR_REGISTRY or --registry" in error
+    assert "$NIXIMAGE_OPERATOR_BUILDER_IMAGE or --builder-image" in error
+    assert "STORAGE" not in error
+
+
+def test_bad_values_are_refused(environment: pytest.MonkeyPatch) -> None:
+    environment.setenv("NIXIMAGE_OPERATOR_MAX_CONCURRENT_BUILDS", "0")
+    with pytest.raises(ValueError, match="max_concurrent_builds"):
+        OperatorSettings()  # type: ignore[call-arg]
+
+
+def test_backoffs_double_and_stop_at_the_cap(environment: pytest.MonkeyPatch) -> None:
+    config = OperatorSettings(retry_delay=10, retry_max_delay=60, storage_retry_delay=5)
+    assert [config.retry_backoff(n) for n in (1, 2, 3, 4)] == [10, 20, 40, 60]
+    assert [config.storage_backoff(n) for n in (0, 1, 2, 5)] == [5, 10, 20, 60]
