@@ -58,3 +58,35 @@ def require(*programs: str) -> None:
 def require_root() -> None:
     if os.geteuid() != 0:
         pytest.skip("needs root (chroot, umoci unpack)")
+
+
+def podman_env(work: Path) -> dict[str, str]:
+    """An isolated podman: vfs storage under ``work``, runc and lowered ulimits.
+
+    On this kind of VM podman as root cannot raise nofile/nproc (no CAP_SYS_RESOURCE) and
+    crun rejects the hybrid cgroup set-up (research/registry.md §5.3).
+    """
+    require("podman", "runc")
+    require_root()
+    work.mkdir(parents=True, exist_ok=True)
+    (work / "containers.conf").write_text(
+        '[containers]\ndefault_ulimits = ["nofile=1024:1024", "nproc=1024:1024"]\n'
+        '[engine]\nruntime = "runc"\n'
+    )
+    (work / "storage.conf").write_text(
+        f'[storage]\ndriver = "vfs"\nrunroot = "{work / "run"}"\ngraphroot = "{work / "root"}"\n'
+    )
+    return {
+        **os.environ,
+        "CONTAINERS_CONF": str(work / "containers.conf"),
+        "CONTAINERS_STORAGE_CONF": str(work / "storage.conf"),
+    }
+
+
+def podman(environment: dict[str, str], *args: str, timeout: float = 180) -> str:
+    """Run podman in the environment of ``podman_env``; fail with its stderr."""
+    proc = subprocess.run(
+        ["podman", *args], capture_output=True, text=True, timeout=timeout, env=environment
+    )
+    assert proc.returncode == 0, f"podman {' '.join(args)}:\n{proc.stderr}"
+    return proc.stdout.strip()

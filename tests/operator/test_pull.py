@@ -1,11 +1,11 @@
 """The whole path: ``kubectl apply`` → operator → builder pod → storage → ``niximage serve``
-→ ``podman pull <registry>/<namespace>/<name>:<tag>``, and the pulled digest is the status's."""
+→ ``podman pull <registry>/<namespace>/<name>:<tag>`` (the pulled digest is the status's)
+→ ``podman run`` of a program from the image."""
 
 from __future__ import annotations
 
 import asyncio
 import json
-import subprocess
 import sys
 import tempfile
 from collections.abc import AsyncIterator
@@ -18,7 +18,7 @@ from apiserver import ApiServer
 from kubelet import Kubelet
 from operator_harness import NAMESPACE, apply, eventually, nix_image, ready
 
-from testsupport import env, require
+from testsupport import env, podman, podman_env, require
 
 pytestmark = [pytest.mark.asyncio, pytest.mark.nix, pytest.mark.clients]
 
@@ -42,14 +42,6 @@ async def registry(storage_dir: Path) -> AsyncIterator[str]:
         await process.wait()
 
 
-def podman(root: Path, *args: str) -> str:
-    # A store of its own, not the machine's; podman wants a short runroot path.
-    storage = ["--root", str(root / "root"), "--runroot", str(root / "run")]
-    done = subprocess.run(["podman", *storage, *args], capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr
-    return done.stdout.strip()
-
-
 async def test_the_tag_is_pullable_with_podman(
     apiserver: ApiServer,
     kubelet: Kubelet,
@@ -61,7 +53,7 @@ async def test_the_tag_is_pullable_with_podman(
     obj = await eventually(lambda: ready(apiserver, "jq"), timeout=60)
     reference = f"{registry}/{NAMESPACE}/jq:1.0"
     with tempfile.TemporaryDirectory(prefix="pm-", dir="/tmp") as scratch:
-        root = Path(scratch)
+        root = podman_env(Path(scratch))
         await asyncio.to_thread(podman, root, "pull", "--tls-verify=false", reference)
         digest = await asyncio.to_thread(
             podman, root, "image", "inspect", "--format", "{{.Digest}}", reference
@@ -69,3 +61,7 @@ async def test_the_tag_is_pullable_with_podman(
         assert digest == obj["status"]["digest"]
         by_digest = obj["status"]["imageDigest"].replace("registry.test:5000", registry)
         await asyncio.to_thread(podman, root, "pull", "--tls-verify=false", by_digest)
+        output = await asyncio.to_thread(
+            podman, root, "run", "--rm", "--network=none", reference, "jq", "--version"
+        )
+        assert output.startswith("jq-")

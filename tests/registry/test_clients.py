@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import concurrent.futures
 import json
-import os
 import shutil
 import socket
 import subprocess
@@ -24,9 +23,10 @@ from pathlib import Path
 
 import pytest
 
+import testsupport
 from niximage_builder.digest import Digest
 from tests.registry.support import RegistryProcess
-from testsupport import niximage_json, require, require_root
+from testsupport import niximage_json, podman, require, require_root
 
 pytestmark = [pytest.mark.clients, pytest.mark.nix]
 
@@ -205,28 +205,7 @@ def test_skopeo_copy_and_umoci_unpack_and_run(
 
 @pytest.fixture(scope="module")
 def podman_env(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
-    """An isolated podman: vfs storage in a temp dir, runc, lowered ulimits (§5.3)."""
-    require("podman", "runc")
-    require_root()
-    work = tmp_path_factory.mktemp("podman")
-    (work / "containers.conf").write_text(
-        '[containers]\ndefault_ulimits = ["nofile=1024:1024", "nproc=1024:1024"]\n'
-        '[engine]\nruntime = "runc"\n'
-    )
-    (work / "storage.conf").write_text(
-        f'[storage]\ndriver = "vfs"\nrunroot = "{work / "run"}"\ngraphroot = "{work / "root"}"\n'
-    )
-    return {
-        **os.environ,
-        "CONTAINERS_CONF": str(work / "containers.conf"),
-        "CONTAINERS_STORAGE_CONF": str(work / "storage.conf"),
-    }
-
-
-def podman(env: dict[str, str], *args: str) -> str:
-    proc = subprocess.run(["podman", *args], capture_output=True, text=True, timeout=180, env=env)
-    assert proc.returncode == 0, f"podman {' '.join(args)}:\n{proc.stderr}"
-    return proc.stdout
+    return testsupport.podman_env(tmp_path_factory.mktemp("podman"))
 
 
 @pytest.mark.parametrize("ref", REFS)
