@@ -132,3 +132,26 @@ def test_pinning_a_path_source_tracks_its_contents(slow_set: Path) -> None:
     assert first.pinned and nixcli.pin_source(source, settings) == first
     (slow_set / "extra.nix").write_text("{}")
     assert nixcli.pin_source(source, settings) != first
+
+
+@needs_nix
+@pytest.mark.nix
+def test_git_source_pinned_to_a_revision(slow_set: Path, tmp_path: Path) -> None:
+    """A package set in a git repository, fetched by Nix (fetchGit) at one revision."""
+    if shutil.which("git") is None:
+        pytest.skip("git is not installed")
+    repo = tmp_path / "repo"
+    shutil.copytree(slow_set, repo)
+    git = ["git", "-C", str(repo), "-c", "user.name=t", "-c", "user.email=t@example.org"]
+    subprocess.run([*git, "init", "-q"], check=True)
+    subprocess.run([*git, "add", "-A"], check=True)
+    subprocess.run([*git, "commit", "-qm", "set"], check=True)
+    rev = subprocess.run(
+        [*git, "rev-parse", "HEAD"], check=True, capture_output=True, text=True
+    ).stdout.strip()
+    source = sources.parse_source(f"git:file://{repo}#{rev}")
+    assert source.pinned
+    spec = imagespec.make_spec(["cacert"], source)
+    realised = nixcli.realise(spec, nixcli.NixSettings(timeout=120))
+    names = sorted(root.split("/")[-1].split("-", 1)[1] for root in realised.roots)
+    assert names == ["cacert", "iana-etc"]
