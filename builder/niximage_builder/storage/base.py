@@ -36,6 +36,29 @@ def check_key(key: str) -> str:
     return key
 
 
+def check_prefix(prefix: str) -> str:
+    """Validate a listing prefix: a key without its tail (``tags/``, ``tags/shell/l``).
+
+    Appending one safe character turns every valid prefix into a valid key and keeps every
+    hostile one (``../``, ``tags//``, ``/abs``) invalid. Prefixes match as plain strings,
+    as in GCS: ``tags/shell`` also matches ``tags/shell2/…``.
+    """
+    try:
+        check_key(prefix + "x")
+    except InvalidInput:
+        raise InvalidInput(f"invalid storage key prefix: {prefix[:200]!r}") from None
+    return prefix
+
+
+def is_key(key: str) -> bool:
+    """Whether ``key`` is a valid metadata key (listings skip anything else)."""
+    try:
+        check_key(key)
+    except InvalidInput:
+        return False
+    return True
+
+
 def blob_key(digest: Digest) -> str:
     return f"blobs/sha256/{digest.hex}"
 

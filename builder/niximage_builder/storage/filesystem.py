@@ -25,7 +25,7 @@ from typing import BinaryIO
 
 from niximage_builder.digest import Digest
 from niximage_builder.errors import InvalidInput, NotFound, StorageError
-from niximage_builder.storage.base import check_key
+from niximage_builder.storage.base import check_key, check_prefix, is_key
 
 log = logging.getLogger(__name__)
 
@@ -145,7 +145,7 @@ class FilesystemStorage:
 
     def list(self, prefix: str) -> Iterator[str]:
         """Keys starting with ``prefix`` (a plain string prefix, like GCS), sorted."""
-        _check_prefix(prefix)
+        check_prefix(prefix)
         top = prefix.rpartition("/")[0]
         keys: list[str] = []
 
@@ -160,7 +160,7 @@ class FilesystemStorage:
             dirnames[:] = [d for d in dirnames if _may_match(f"{rel}/{d}/", prefix)]
             keys.extend(k for f in filenames if (k := f"{rel}/{f}").startswith(prefix))
         # Sorted and eager: errors surface at the call, and stray files are skipped.
-        return iter(sorted(k for k in keys if _is_key(k)))
+        return iter(sorted(k for k in keys if is_key(k)))
 
     # housekeeping
 
@@ -279,27 +279,6 @@ class _FileBlobWriter:
 
 
 # helpers
-
-
-def _check_prefix(prefix: str) -> str:
-    """Validate a listing prefix: a key without its tail (``tags/``, ``tags/shell/l``).
-
-    Appending one safe character turns every valid prefix into a valid key and keeps every
-    hostile one (``../``, ``tags//``, ``/abs``) invalid. (A candidate for base.py.)
-    """
-    try:
-        check_key(prefix + "x")
-    except InvalidInput:
-        raise InvalidInput(f"invalid storage key prefix: {prefix[:200]!r}") from None
-    return prefix
-
-
-def _is_key(key: str) -> bool:
-    try:
-        check_key(key)
-    except InvalidInput:
-        return False
-    return True
 
 
 def _may_match(dir_prefix: str, prefix: str) -> bool:

@@ -49,7 +49,7 @@ from google.cloud.storage.retry import DEFAULT_RETRY
 
 from niximage_builder.digest import Digest
 from niximage_builder.errors import InvalidInput, NotFound, StorageError
-from niximage_builder.storage.base import check_key
+from niximage_builder.storage.base import check_key, check_prefix, is_key
 
 log = logging.getLogger(__name__)
 
@@ -221,12 +221,12 @@ class GcsStorage:
 
     def list(self, prefix: str) -> Iterator[str]:
         """Keys starting with ``prefix`` (a plain string prefix), sorted."""
-        _check_prefix(prefix)
+        check_prefix(prefix)
         start = len(self._names)
         objects = self._iter_objects(self._names + prefix, "items(name),nextPageToken")
         names = [b.name[start:] for b in objects]
         # Eager, so errors surface at the call; skips objects that are not valid keys.
-        return iter(sorted(n for n in names if _is_key(n)))
+        return iter(sorted(n for n in names if is_key(n)))
 
     # housekeeping
 
@@ -511,20 +511,3 @@ def _normalise_prefix(prefix: str) -> str:
     if len(stripped) > 512 or not all(_PREFIX_PART.fullmatch(p) for p in stripped.split("/")):
         raise InvalidInput(f"invalid GCS storage prefix: {prefix[:200]!r}")
     return stripped + "/"
-
-
-def _check_prefix(prefix: str) -> str:
-    """Validate a listing prefix (same rule as the filesystem backend; see its comment)."""
-    try:
-        check_key(prefix + "x")
-    except InvalidInput:
-        raise InvalidInput(f"invalid storage key prefix: {prefix[:200]!r}") from None
-    return prefix
-
-
-def _is_key(key: str) -> bool:
-    try:
-        check_key(key)
-    except InvalidInput:
-        return False
-    return True
