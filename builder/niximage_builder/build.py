@@ -5,6 +5,10 @@ Layers are keyed by their store paths (DESIGN.md §2): a layer whose key is alre
 in ``layers/`` (and whose blob exists) is neither packed nor uploaded again, by any builder.
 Metadata is written only after the blobs it names, so a reader that finds a ``layers/``,
 ``builds/`` or ``tags/`` entry always finds its blobs.
+
+Garbage collection may run at any time (``gc.py``'s module doc has the protocol and why it is
+safe): a build holds a lease naming the blobs it relies on, touches every blob it reuses,
+and after writing the manifest touches every blob again, packing anew whatever vanished.
 """
 
 from __future__ import annotations
@@ -19,10 +23,10 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
-from niximage_builder import layering, manifest, nixcli, reference, tarball, toplayer
+from niximage_builder import gc, layering, manifest, nixcli, reference, tarball, toplayer
 from niximage_builder.closure import ClosureGraph
 from niximage_builder.digest import Digest
-from niximage_builder.errors import InvalidInput, NixImageError
+from niximage_builder.errors import InvalidInput, NixImageError, StorageError
 from niximage_builder.imagespec import FORMAT_VERSION, ImageSpec, canonical_json
 from niximage_builder.popularity import Popularity
 from niximage_builder.result import BuildError, BuildResult, LayerResult
@@ -30,6 +34,8 @@ from niximage_builder.storage.base import Storage, check_key
 
 Progress = Callable[[str], None]
 TOP_LAYER = "<top>"
+VERIFY_ROUNDS = 3
+"""Passes of touching every blob of a new manifest before giving up on a racing gc."""
 
 
 @dataclass(frozen=True)
@@ -79,7 +85,10 @@ def list_tags(storage: Storage, repository: str) -> list[str]:
 
 
 def cached_result(storage: Storage, key: str) -> BuildResult | None:
-    """A stored *successful* result whose manifest blob still exists, else None."""
+    """A stored *successful* result whose blobs all still exist, else None.
+
+    The blobs are touched, so gc spares them for its grace period: time to tag the image.
+    """
     raw = storage.read(build_key_path(key))
     if raw is None:
         return None
@@ -89,17 +98,22 @@ def cached_result(storage: Storage, key: str) -> BuildResult | None:
         return None
     if not result.ok or result.manifestDigest is None:
         return None
-    if storage.blob_size(Digest.parse(result.manifestDigest)) is None:
+    try:
+        digests = gc.result_digests(result)
+    except InvalidInput:
         return None
+    if gc.touch_all(storage, digests):
+        return None  # garbage-collected: build again
     return result
 
 
 class _Packer:
     """Packs (or reuses) one layer at a time; safe to call from several threads."""
 
-    def __init__(self, storage: Storage, spec: ImageSpec) -> None:
+    def __init__(self, storage: Storage, spec: ImageSpec, lease: gc.Lease | None = None) -> None:
         self.storage = storage
         self.compression = spec.compression
+        self.lease = lease
         self.uploaded = 0
         self._lock = threading.Lock()
 
@@ -108,12 +122,19 @@ class _Packer:
         known = self._known(key)
         if known is not None:
             return LayerResult(**known, narSize=nar_size, paths=list(paths), reused=True)
+        return self.pack(paths, nar_size, key_paths)
+
+    def pack(self, paths: Sequence[str], nar_size: int, key_paths: Sequence[str]) -> LayerResult:
+        """Pack and upload the layer, whatever ``layers/`` says."""
+        key = check_key(f"layers/{layer_key(key_paths, self.compression)}")
         with self.storage.blob_writer() as writer:
             if paths == [TOP_LAYER]:
                 packed = toplayer.pack_top_layer(key_paths, writer, self.compression)
             else:
                 packed = tarball.pack_paths(paths, writer, self.compression)
             writer.commit(packed.digest)
+        self._depend(packed.digest)
+        gc.checkpoint("build.packed", digest=packed.digest)
         with self._lock:
             self.uploaded += packed.size
         meta = {"digest": str(packed.digest), "diffId": str(packed.diff_id), "size": packed.size}
@@ -130,9 +151,16 @@ class _Packer:
             Digest.parse(meta["diffId"])
         except (ValueError, KeyError, TypeError, InvalidInput):
             return None
-        if self.storage.blob_size(digest) != meta.get("size"):
+        # In the lease before we rely on it; the touch keeps gc off it for its grace period.
+        self._depend(digest)
+        gc.checkpoint("build.reuse", digest=digest)
+        if gc.touch_blob(self.storage, digest) != meta.get("size"):
             return None  # the blob was garbage-collected or never completed: rebuild it
         return {"digest": meta["digest"], "diffId": meta["diffId"], "size": meta["size"]}
+
+    def _depend(self, digest: Digest) -> None:
+        if self.lease is not None:
+            self.lease.add(digest)
 
 
 def shell_command(roots: Sequence[str]) -> list[str] | None:
@@ -149,8 +177,13 @@ def assemble(
     storage: Storage,
     options: BuildOptions,
     progress: Progress | None = None,
+    lease: gc.Lease | None = None,
 ) -> tuple[BuildResult, dict[str, float]]:
-    """Layers, tarballs, config and manifest for a realised closure."""
+    """Layers, tarballs, config and manifest for a realised closure.
+
+    Every blob the manifest names exists when this returns (verified after the manifest was
+    written, see ``_secure``); ``lease`` collects their digests for gc.
+    """
     say = progress or (lambda _message: None)
     timings: dict[str, float] = {}
     started = time.monotonic()
@@ -158,14 +191,13 @@ def assemble(
     timings["layering"] = time.monotonic() - started
     say(f"{len(graph.nodes)} store paths in {len(planned)} layers (+ top layer)")
 
-    packer = _Packer(storage, spec)
+    packer = _Packer(storage, spec, lease)
     started = time.monotonic()
+    jobs = [(list(layer.paths), layer.size, list(layer.paths)) for layer in planned]
+    jobs.append(([TOP_LAYER], 0, list(graph.roots)))
     with ThreadPoolExecutor(max_workers=options.workers) as pool:
-        futures = [
-            pool.submit(packer.layer, list(layer.paths), layer.size, layer.paths)
-            for layer in planned
-        ]
-        top = pool.submit(packer.layer, [TOP_LAYER], 0, list(graph.roots))
+        futures = [pool.submit(packer.layer, *job) for job in jobs[:-1]]
+        top = pool.submit(packer.layer, *jobs[-1])
         layers = []
         for index, future in enumerate(futures, 1):
             layers.append(future.result())
@@ -185,11 +217,17 @@ def assemble(
     ]
     config = manifest.image_config(spec, descriptors, shell_command(graph.roots))
     image = manifest.image_manifest(spec, config, descriptors)
-    uploaded = packer.uploaded
+    if lease is not None:
+        lease.add(config.digest, image.digest)
+        lease.flush()  # every digest of the image, before anything names it
+    put = 0
     for blob in (config, image):
-        if storage.blob_size(blob.digest) is None:
+        if gc.touch_blob(storage, blob.digest) is None:
             storage.put_blob(blob.data)
-            uploaded += len(blob.data)
+            put += len(blob.data)
+    gc.checkpoint("build.manifest-written", digest=image.digest)
+    put += _secure(storage, packer, jobs, layers, (config, image))
+    uploaded = packer.uploaded + put
     timings["manifest"] = time.monotonic() - started
     result = BuildResult(
         buildKey=spec.build_key(),
@@ -203,6 +241,47 @@ def assemble(
         bytesUploaded=uploaded,
     )
     return result, timings
+
+
+def _secure(
+    storage: Storage,
+    packer: _Packer,
+    jobs: Sequence[tuple[list[str], int, list[str]]],
+    layers: Sequence[LayerResult],
+    blobs: Sequence[manifest.Blob],
+) -> int:
+    """Touch every blob of the written manifest; pack or put again what a gc removed.
+
+    Rule W3 of ``gc.py``: after this, no gc deletes these blobs within its grace period.
+    Returns the bytes of small blobs put again (repacked layers count in ``packer``).
+    """
+    by_digest = {Digest.parse(layer.digest): index for index, layer in enumerate(layers)}
+    small = {blob.digest: blob for blob in blobs}
+    put = 0
+    for _ in range(VERIFY_ROUNDS):
+        missing = gc.touch_all(storage, [*by_digest, *small])
+        gc.checkpoint("build.verified", missing=missing)
+        if not missing:
+            return put
+        for digest in missing:
+            if digest in small:
+                storage.put_blob(small[digest].data)
+                put += len(small[digest].data)
+            else:
+                _repack(packer, jobs[by_digest[digest]], digest)
+    raise StorageError(
+        "blobs of the new image keep disappearing while it is being verified: is a gc "
+        "running with a grace period shorter than this build?"
+    )
+
+
+def _repack(packer: _Packer, job: tuple[list[str], int, list[str]], digest: Digest) -> None:
+    again = packer.pack(*job)
+    if again.digest != str(digest):
+        raise StorageError(
+            f"layer {digest} vanished and packing it again gave {again.digest}: "
+            "the layer's store paths changed"
+        )
 
 
 def build_image(
@@ -224,24 +303,28 @@ def build_image(
         cached = cached_result(storage, key)
         if cached is not None:
             return cached.model_copy(update={"cached": True, "bytesUploaded": 0})
-    try:
-        manifest.layer_media_type(spec)
-        (progress or (lambda _m: None))(f"realising {len(spec.packages)} packages with Nix")
-        realised = nixcli.realise(spec, nix, cancel)
-        result, timings = assemble(spec, realised.graph, storage, options, progress)
-    except NixImageError as error:
-        failed = BuildResult(
-            buildKey=key,
-            spec=spec.model_dump(mode="json"),
-            ok=False,
-            error=BuildError.from_exception(error),
-            timings={"total": time.monotonic() - started},
-        )
-        _record(storage, key, failed)
-        raise
-    timings = {**realised.timings, **timings, "total": time.monotonic() - started}
-    result = result.model_copy(update={"timings": timings})
-    storage.write(build_key_path(key), result.to_json())
+    # The lease lives until builds/<key> is written (released on any exit).
+    with contextlib.ExitStack() as held:
+        try:
+            manifest.layer_media_type(spec)
+            (progress or (lambda _m: None))(f"realising {len(spec.packages)} packages with Nix")
+            realised = nixcli.realise(spec, nix, cancel)
+            lease = held.enter_context(gc.Lease(storage, f"build {key}"))
+            result, timings = assemble(spec, realised.graph, storage, options, progress, lease)
+        except NixImageError as error:
+            failed = BuildResult(
+                buildKey=key,
+                spec=spec.model_dump(mode="json"),
+                ok=False,
+                error=BuildError.from_exception(error),
+                timings={"total": time.monotonic() - started},
+            )
+            _record(storage, key, failed)
+            raise
+        timings = {**realised.timings, **timings, "total": time.monotonic() - started}
+        result = result.model_copy(update={"timings": timings})
+        storage.write(build_key_path(key), result.to_json())
+        gc.checkpoint("build.recorded", key=key)
     return result
 
 
@@ -252,10 +335,43 @@ def _record(storage: Storage, key: str, result: BuildResult) -> None:
 
 
 def record_tag(storage: Storage, repository: str, tag: str, result: BuildResult) -> None:
-    """Point ``repository:tag`` at the result's manifest (after all its blobs exist)."""
+    """Point ``repository:tag`` at the result's manifest (after all its blobs exist).
+
+    Then touches every blob of the image (rule W4 of ``gc.py``): if a gc removed one since the
+    build, ``StorageError`` is raised and the tag is put back as it was (or deleted), so that
+    a tag never names a missing blob; building again repairs the image.
+    """
     if not result.ok or result.manifestDigest is None:
         raise InvalidInput("cannot tag a failed build")
-    storage.write(tag_path(repository, tag), result.manifestDigest.encode())
+    path = tag_path(repository, tag)
+    previous = storage.read(path)
+    storage.write(path, result.manifestDigest.encode())
+    gc.checkpoint("build.tagged", key=path)
+    manifest_digest, *rest = gc.result_digests(result)
+    # The manifest first: gc's safety argument needs it touched before what it names.
+    missing = gc.touch_all(storage, [manifest_digest]) or gc.touch_all(storage, rest)
+    if not missing:
+        return
+    _put_back(storage, path, previous)
+    raise StorageError(
+        f"cannot tag {repository}:{tag}: blob {missing[0]} of the image was garbage-collected "
+        "since it was built; build it again"
+    )
+
+
+def _put_back(storage: Storage, path: str, previous: bytes | None) -> None:
+    """Restore a tag's old value if its image is whole, else delete the tag. While the tag
+    named the new image the old one was unreferenced, so gc may have taken it: the restore
+    is checked like any tag write (written first, then touched)."""
+    try:
+        old = Digest.parse(previous.decode().strip()) if previous is not None else None
+    except (UnicodeDecodeError, InvalidInput):
+        old = None
+    if old is not None and previous is not None:
+        storage.write(path, previous)
+        if not gc.touch_image(storage, old):
+            return
+    storage.delete(path)
 
 
 def read_tag(storage: Storage, repository: str, tag: str) -> Digest | None:

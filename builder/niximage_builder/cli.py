@@ -27,6 +27,7 @@ from niximage_builder import (
     resource,
     sources,
 )
+from niximage_builder import gc as gc_command  # not plain "gc": that is the stdlib's
 from niximage_builder.errors import InvalidInput, NixImageError, PackagesNotFound
 from niximage_builder.registry import command as serve_command
 from niximage_builder.result import BuildError, BuildResult
@@ -83,6 +84,10 @@ def build_parser() -> argparse.ArgumentParser:
     export_parser.add_argument("directory", metavar="OCI_DIR")
     export_parser.add_argument("--storage", default=DEFAULT_STORAGE, help="DIR or gs://BUCKET")
     export_parser.set_defaults(run=run_export)
+
+    gc_parser = commands.add_parser("gc", help="delete unreferenced blobs and cache entries")
+    gc_command.add_arguments(gc_parser, DEFAULT_STORAGE)
+    gc_parser.set_defaults(run=gc_command.run)
 
     serve_parser = commands.add_parser(
         "serve", help="serve images from storage: a pull-only OCI registry"
