@@ -25,7 +25,10 @@ def build(store: str, packages: list[str], *extra: str) -> tuple[dict, float]:
     started = time.monotonic()
     proc = subprocess.run(
         [sys.executable, "-m", "niximage_builder", "build", *packages, "--storage", store, *extra],
-        capture_output=True, text=True, check=True, cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=True,
+        cwd=ROOT,
     )
     return json.loads(proc.stdout), time.monotonic() - started
 
