@@ -54,6 +54,14 @@ _FLAGS: dict[str, tuple[str, dict[str, Any]]] = {
         "nix_store_volume",
         {"metavar": "JSON", "type": json.loads, "help": "volume source of the Nix store"},
     ),
+    "--gc-interval": (
+        "gc_interval",
+        {"metavar": "DURATION", "help": "run garbage collection this often (default: never)"},
+    ),
+    "--gc-grace": (
+        "gc_grace",
+        {"metavar": "DURATION", "help": "gc keeps unreferenced blobs younger than this (1h)"},
+    ),
     "--liveness": ("liveness", {"metavar": "URL", "help": "e.g. http://0.0.0.0:8080/healthz"}),
 }
 

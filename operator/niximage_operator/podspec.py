@@ -34,6 +34,7 @@ KEY_ANNOTATION = f"{GROUP}/build-key"
 ATTEMPT_LABEL = f"{GROUP}/attempt"
 
 CONTAINER = "builder"
+NIX_STORE_VOLUME = "nix-store"
 TERMINATION_LOG = "/dev/termination-log"
 NAME_KEY_DIGITS = 20
 """80 bits of the key in the name; a clash is detected through the annotation."""
@@ -57,6 +58,19 @@ def owner_reference(owner: Mapping[str, Any], controller: bool) -> dict[str, Any
         "uid": metadata["uid"],
         "controller": controller,
         "blockOwnerDeletion": False,
+    }
+
+
+def pod_security(user: int) -> dict[str, Any]:
+    """Pod Security's "restricted" level: Nix runs single-user as the image's unprivileged
+    user, without a sandbox, so a build needs no privilege at all. fsGroup makes a volume
+    on the Nix store (or the storage) writable by that user."""
+    return {
+        "runAsNonRoot": True,
+        "runAsUser": user,
+        "runAsGroup": user,
+        "fsGroup": user,
+        "seccompProfile": {"type": "RuntimeDefault"},
     }
 
 
@@ -99,6 +113,10 @@ def builder_pod(
         # A builder that dies before writing its summary still explains itself: the tail
         # of its log becomes the message (research/peers.md: kpack #253, opaque failures).
         "terminationMessagePolicy": "FallbackToLogsOnError",
+        "securityContext": {
+            "allowPrivilegeEscalation": False,
+            "capabilities": {"drop": ["ALL"]},
+        },
     }
     pod_spec: dict[str, Any] = {
         "restartPolicy": "Never",
@@ -109,14 +127,18 @@ def builder_pod(
         # The builder never talks to the Kubernetes API.
         "automountServiceAccountToken": False,
         "enableServiceLinks": False,
+        "securityContext": pod_security(settings.builder_user),
     }
     if settings.builder_service_account:
         pod_spec["serviceAccountName"] = settings.builder_service_account
+    volumes = list(settings.builder_volumes)
+    mounts = list(settings.builder_volume_mounts)
     if settings.nix_store_volume is not None:
-        pod_spec["volumes"] = [{"name": "nix-store", **settings.nix_store_volume}]
-        container["volumeMounts"] = [
-            {"name": "nix-store", "mountPath": settings.nix_store_mount_path}
-        ]
+        volumes.insert(0, {"name": NIX_STORE_VOLUME, **settings.nix_store_volume})
+        mounts.insert(0, {"name": NIX_STORE_VOLUME, "mountPath": settings.nix_store_mount_path})
+    if volumes:
+        pod_spec["volumes"] = volumes
+        container["volumeMounts"] = mounts
     return {
         "apiVersion": "v1",
         "kind": "Pod",

@@ -1,6 +1,6 @@
 """Running the operator: kopf's settings and the kopf operator itself, in this process.
 
-Imports kopf, handlers (which registers them), reconciling and settings. kopf runs
+Imports kopf, handlers (which registers them), reconciling, collecting and settings. kopf runs
 in-process with the handlers module imported by name (never ``kopf run path.py``, which
 would put this package's folder on ``sys.path``: research/aesthetics.md §7).
 """
@@ -8,12 +8,13 @@ would put this package's folder on ``sys.path``: research/aesthetics.md §7).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import socket
 
 import kopf
 
-from niximage_operator import handlers, podspec, reconciling
+from niximage_operator import collecting, handlers, podspec, reconciling
 from niximage_operator.settings import OperatorSettings
 
 COMPONENT = "niximage-operator"
@@ -52,8 +53,13 @@ async def operate(
     ready_flag: asyncio.Event | None = None,
     context: reconciling.Context | None = None,
 ) -> None:
-    """Run until stopped (``stop_flag`` or cancellation)."""
+    """Run until stopped (``stop_flag`` or cancellation); with ``gc_interval``, garbage
+    collection runs beside kopf in the same event loop."""
     context = context or reconciling.Context.open(config)
+    collector: asyncio.Task[None] | None = None
+    if config.gc_interval is not None:
+        schedule = collecting.Schedule(config.gc_interval, config.gc_grace)
+        collector = asyncio.create_task(collecting.run_forever(context.storage, schedule))
     try:
         await kopf.operator(
             registry=kopf.get_default_registry(),
@@ -67,6 +73,10 @@ async def operate(
             ready_flag=ready_flag,
         )
     finally:
+        if collector is not None:
+            collector.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await collector
         context.close()
 
 

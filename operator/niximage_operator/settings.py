@@ -1,8 +1,9 @@
 """The operator's configuration: environment variables (``NIXIMAGE_OPERATOR_*``) and flags.
 
-Pure; imports nothing of ours. Read once, when the operator starts, and passed down
-explicitly (in kopf's memo), never read at import time: a decorator argument is import
-time, and a value read there would ignore the environment (research/aesthetics.md §3.1).
+Pure; imports only niximage_builder's units and errors (durations). Read once, when the
+operator starts, and passed down explicitly (in kopf's memo), never read at import time: a
+decorator argument is import time, and a value read there would ignore the environment
+(research/aesthetics.md §3.1).
 """
 
 from __future__ import annotations
@@ -11,6 +12,9 @@ from typing import Annotated, Any, Literal
 
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+from niximage_builder.errors import InvalidInput
+from niximage_builder.units import parse_duration
 
 ENV_PREFIX = "NIXIMAGE_OPERATOR_"
 
@@ -53,6 +57,13 @@ class OperatorSettings(BaseSettings):
     ``{"persistentVolumeClaim": {"claimName": "nix-store"}}``; without it each build starts
     from an empty store."""
     nix_store_mount_path: str = "/nix"
+    builder_volumes: list[dict[str, Any]] = Field(default_factory=list)
+    """More volumes of builder pods (JSON list of Kubernetes ``Volume`` objects), e.g. the
+    storage's PersistentVolumeClaim or a Secret with a GCS key."""
+    builder_volume_mounts: list[dict[str, Any]] = Field(default_factory=list)
+    """Where the builder container mounts them (JSON list of ``VolumeMount`` objects)."""
+    builder_user: int = Field(default=65532, ge=1)
+    """uid and gid builder pods run as (the image's unprivileged user); never root."""
 
     max_concurrent_builds: int = Field(default=4, ge=1)
     """Builder pods that may run at once, cluster-wide; the rest wait (BuilderPending)."""
@@ -68,6 +79,12 @@ class OperatorSettings(BaseSettings):
     storage_retry_delay: float = Field(default=15.0, gt=0)
     """First delay before retrying after the operator itself could not use storage."""
 
+    gc_interval: float | None = Field(default=None, gt=0)
+    """Run garbage collection this often (seconds, or a duration such as ``24h``); unset:
+    never (the default: ``niximage gc`` is then run by hand or by a CronJob)."""
+    gc_grace: float = Field(default=3600.0, gt=0)
+    """gc's grace period: unreferenced blobs younger than this stay."""
+
     namespaces: Annotated[list[str], NoDecode] = Field(default_factory=list)
     """Namespaces to watch (comma-separated); empty means the whole cluster."""
     liveness: str | None = None
@@ -81,6 +98,29 @@ class OperatorSettings(BaseSettings):
         # Environment variables hold "a,b"; flags and code pass lists.
         if isinstance(value, str):
             return [part.strip() for part in value.split(",") if part.strip()]
+        return value
+
+    @field_validator("gc_interval", "gc_grace", mode="before")
+    @classmethod
+    def _duration(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            if not value.strip():
+                return None  # an empty variable: unset
+            try:
+                return parse_duration(value)
+            except InvalidInput as exc:
+                raise ValueError(str(exc)) from None
+        return value
+
+    @field_validator("builder_volume_mounts")
+    @classmethod
+    def _mounts(cls, value: list[dict[str, Any]], info: Any) -> list[dict[str, Any]]:
+        names = {volume.get("name") for volume in info.data.get("builder_volumes", [])}
+        for mount in value:
+            if mount.get("name") not in names or not mount.get("mountPath"):
+                raise ValueError(
+                    f"mount {mount!r} needs a mountPath and the name of one of builder_volumes"
+                )
         return value
 
     @field_validator("builder_command")

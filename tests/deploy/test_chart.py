@@ -24,6 +24,7 @@ import yaml
 from helmtool import CHART, CI_VALUES, ROOT, helm, notes, render, template_args
 
 from niximage_builder import cli
+from niximage_operator import podspec, specs
 from niximage_operator.settings import ENV_PREFIX, OperatorSettings
 
 pytestmark = [pytest.mark.helm, pytest.mark.usefixtures("helm_binary")]
@@ -186,16 +187,7 @@ def test_operator_environment_is_valid_operator_settings(
 ) -> None:
     """The real settings parser reads what the chart sets; a variable it does not know
     (pydantic-settings ignores those silently) fails here."""
-    env = operator_environment(rendered[1])
-    ours = {name for name in env if name.startswith(ENV_PREFIX)}
-    known = {ENV_PREFIX + field.upper() for field in OperatorSettings.model_fields}
-    assert ours - known == set(), f"unknown operator settings: {sorted(ours - known)}"
-    for name in list(os.environ):
-        if name.startswith(ENV_PREFIX):
-            monkeypatch.delenv(name)
-    for name, value in env.items():
-        monkeypatch.setenv(name, value)
-    settings = OperatorSettings()  # type: ignore[call-arg]
+    settings = operator_settings(rendered[1], monkeypatch)
 
     values = load_values(rendered[0])
     objects = rendered[1]
@@ -229,6 +221,68 @@ def test_operator_environment_is_valid_operator_settings(
         assert ("niximage-system", settings.builder_service_account) in accounts
         for namespace in settings.namespaces:
             assert (namespace, settings.builder_service_account) in accounts
+
+
+def operator_settings(
+    objects: list[dict[str, Any]], monkeypatch: pytest.MonkeyPatch
+) -> OperatorSettings:
+    """The settings the operator container reads from the environment the chart gives it."""
+    env = operator_environment(objects)
+    ours = {name for name in env if name.startswith(ENV_PREFIX)}
+    known = {ENV_PREFIX + field.upper() for field in OperatorSettings.model_fields}
+    assert ours - known == set(), f"unknown operator settings: {sorted(ours - known)}"
+    for name in list(os.environ):
+        if name.startswith(ENV_PREFIX):
+            monkeypatch.delenv(name)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.setenv(f"{ENV_PREFIX}DEFAULT_PACKAGE_SOURCE", PINNED)
+    return OperatorSettings()  # type: ignore[call-arg]
+
+
+def test_builder_pods_reach_the_storage_as_the_operator_does(
+    rendered: tuple[Path, list[dict[str, Any]]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A builder pod the operator makes from the chart's settings mounts the storage claim
+    at the storage path, or the GCS key where GOOGLE_APPLICATION_CREDENTIALS points, like
+    the operator's own container; and it meets the restricted Pod Security level."""
+    objects = rendered[1]
+    settings = operator_settings(objects, monkeypatch)
+    sources = specs.PackageSources.configure(settings.default_package_source)
+    body = {
+        "apiVersion": podspec.API_VERSION,
+        "kind": podspec.KIND,
+        "metadata": {"name": "jq", "namespace": "niximage-system", "uid": "u1"},
+        "spec": {"packages": ["jq"]},
+    }
+    pod = podspec.builder_pod(specs.resolve(body, sources), 1, body, settings)
+    [builder] = pod["spec"]["containers"]
+    volumes = {v["name"]: v for v in pod["spec"].get("volumes", [])}
+    mounts = {m["mountPath"]: volumes[m["name"]] for m in builder.get("volumeMounts", [])}
+    operator_volumes = {
+        v["name"]: v for v in deployment(objects)["spec"]["template"]["spec"]["volumes"]
+    }
+    operator = container(objects, "operator")
+    if settings.storage.startswith("/"):
+        [claim] = [v for v in operator_volumes.values() if "persistentVolumeClaim" in v]
+        assert mounts[settings.storage] == claim
+    env = {e["name"]: e["value"] for e in builder["env"]}
+    operator_env = {e["name"]: e.get("value") for e in operator["env"]}
+    if "GOOGLE_APPLICATION_CREDENTIALS" in operator_env:
+        key = Path(env["GOOGLE_APPLICATION_CREDENTIALS"])
+        assert key == Path(operator_env["GOOGLE_APPLICATION_CREDENTIALS"])
+        assert mounts[str(key.parent)]["secret"]["secretName"] == "niximage-gcs-key"
+    for extra in load_values(rendered[0]).get("builder", {}).get("extraVolumeMounts", []):
+        assert extra["mountPath"] in mounts
+    assert pod["spec"]["securityContext"]["runAsNonRoot"] is True
+    assert builder["securityContext"]["capabilities"] == {"drop": ["ALL"]}
+
+
+def test_gc_runs_in_the_operator_only_when_enabled(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert operator_settings(render(), monkeypatch).gc_interval is None
+    enabled = render(sets={"gc.enabled": "true", "gc.interval": "12h", "gc.grace": "2h"})
+    settings = operator_settings(enabled, monkeypatch)
+    assert (settings.gc_interval, settings.gc_grace) == (12 * 3600, 2 * 3600)
 
 
 def serve_arguments(objects: list[dict[str, Any]]) -> Any:
@@ -376,6 +430,9 @@ BAD_VALUES = [
     ({"image.pullPolicy": "Sometimes"}, "at '/image/pullPolicy'"),
     ({"builder.resources.requests.memory": "lots"}, "at '/builder/resources/requests/memory'"),
     ({"replicaCount": "2"}, "'replicaCount'"),
+    ({"gc.interval": "daily"}, "at '/gc/interval'"),
+    ({"builder.extraVolumes[0].name": "storage"}, "at '/builder/extraVolumes/0"),
+    ({"builder.extraVolumeMounts[0].name": "x"}, "at '/builder/extraVolumeMounts/0'"),
 ]
 
 

@@ -94,6 +94,43 @@ def test_without_a_store_volume_there_is_none() -> None:
     assert "serviceAccountName" not in spec
 
 
+STORAGE_VOLUME = {"name": "storage", "persistentVolumeClaim": {"claimName": "niximage"}}
+STORAGE_MOUNT = {"name": "storage", "mountPath": "/var/lib/niximage"}
+
+
+def test_storage_volumes_come_after_the_nix_store() -> None:
+    configured = settings(
+        nix_store_volume={"emptyDir": {}},
+        builder_volumes=[STORAGE_VOLUME],
+        builder_volume_mounts=[STORAGE_MOUNT],
+    )
+    spec = podspec.builder_pod(target(), 1, body(), configured)["spec"]
+    assert spec["volumes"] == [{"name": "nix-store", "emptyDir": {}}, STORAGE_VOLUME]
+    assert spec["containers"][0]["volumeMounts"] == [
+        {"name": "nix-store", "mountPath": "/nix"},
+        STORAGE_MOUNT,
+    ]
+    alone = settings(builder_volumes=[STORAGE_VOLUME], builder_volume_mounts=[STORAGE_MOUNT])
+    spec = podspec.builder_pod(target(), 1, body(), alone)["spec"]
+    assert spec["volumes"] == [STORAGE_VOLUME]
+
+
+def test_the_pod_meets_the_restricted_pod_security_standard() -> None:
+    """The checks of the "restricted" level (kubernetes.io/docs/concepts/security/
+    pod-security-standards) that a pod spec can fail, for the pod and its container."""
+    spec = podspec.builder_pod(target(), 1, body(), settings(builder_user=1234))["spec"]
+    [container] = spec["containers"]
+    pod_security, security = spec["securityContext"], container["securityContext"]
+    assert pod_security["runAsNonRoot"] is True
+    assert pod_security["runAsUser"] == pod_security["runAsGroup"] == 1234
+    assert pod_security["seccompProfile"] == {"type": "RuntimeDefault"}
+    assert security["allowPrivilegeEscalation"] is False
+    assert security["capabilities"] == {"drop": ["ALL"]}
+    assert "add" not in security["capabilities"]
+    assert not any(key in spec for key in ("hostNetwork", "hostPID", "hostIPC"))
+    assert all("hostPath" not in volume for volume in spec.get("volumes", []))
+
+
 def test_the_same_key_gives_the_same_pod_whoever_asks() -> None:
     one = podspec.builder_pod(target(name="a", packages=("jq",)), 1, body(name="a"), settings())
     two = podspec.builder_pod(target(name="b", packages=("jq",)), 1, body(name="b"), settings())
@@ -109,6 +146,8 @@ def test_the_manifest_is_a_pod_the_official_model_knows_field_by_field() -> None
         builder_service_account="builder",
         nix_store_volume={"persistentVolumeClaim": {"claimName": "nix"}},
         builder_env={"NIX_CONFIG": "max-jobs = 4"},
+        builder_volumes=[STORAGE_VOLUME],
+        builder_volume_mounts=[STORAGE_MOUNT],
     )
     manifest = podspec.builder_pod(target(arch="arm64"), 2, body(), configured)
     typed = client.V1Pod.from_dict(manifest)

@@ -45,6 +45,39 @@ def test_settings_come_from_the_environment(environment: pytest.MonkeyPatch) -> 
     assert config.builder_command == ["niximage"]
 
 
+def test_gc_schedule_is_off_unless_given(environment: pytest.MonkeyPatch) -> None:
+    config = OperatorSettings()  # type: ignore[call-arg]
+    assert config.gc_interval is None and config.gc_grace == 3600
+    environment.setenv("NIXIMAGE_OPERATOR_GC_INTERVAL", "24h")
+    environment.setenv("NIXIMAGE_OPERATOR_GC_GRACE", "90m")
+    config = OperatorSettings()  # type: ignore[call-arg]
+    assert (config.gc_interval, config.gc_grace) == (86400, 5400)
+    environment.setenv("NIXIMAGE_OPERATOR_GC_INTERVAL", "")
+    assert OperatorSettings().gc_interval is None  # type: ignore[call-arg]
+
+
+@pytest.mark.parametrize(
+    ("variable", "value", "message"),
+    [
+        ("GC_INTERVAL", "daily", "invalid duration 'daily'"),
+        ("GC_GRACE", "0", "greater than 0"),
+        ("BUILDER_VOLUME_MOUNTS", '[{"name": "x", "mountPath": "/x"}]', "one of builder_volumes"),
+        ("BUILDER_USER", "0", "greater than or equal to 1"),
+    ],
+)
+def test_bad_values_name_the_variable(
+    environment: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    variable: str,
+    value: str,
+    message: str,
+) -> None:
+    environment.setenv(f"NIXIMAGE_OPERATOR_{variable}", value)
+    assert command.run(parse()) == command.EXIT_CONFIGURATION
+    error = capsys.readouterr().err
+    assert message in error and f"$NIXIMAGE_OPERATOR_{variable}" in error
+
+
 def test_flags_win_over_the_environment(environment: pytest.MonkeyPatch) -> None:
     resources = '{"requests": {"cpu": "2"}}'
     flags = ["--registry", "other:443", "--namespace", "x", "--namespace", "y"]
