@@ -474,3 +474,6 @@ def test_notes_follow_the_values() -> None:
     namespaced = notes((CHART / "ci" / "namespaced-filesystem-values.yaml",))
     assert "The operator watches only: team-a, team-b." in namespaced
     assert "kubectl apply -n team-a -f -" in namespaced
+    assert "bound to the same ReadWriteMany volume" in namespaced
+    assert "Garbage collection runs in the operator every 12h (grace 2h)" in namespaced
+    assert "Garbage collection is off" in text
