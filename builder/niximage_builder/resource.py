@@ -25,7 +25,9 @@ class NixImageSpec(BaseModel):
     packages: list[str] = Field(min_length=1)
     arch: imagespec.Arch = "amd64"
     tag: str = "latest"
-    packageSource: dict[str, Any] | str | None = None
+    packageSource: dict[str, Any] | None = None
+    """The CRD's object form only ({type: nixpkgs, channel: …}): a file that builds here
+    must also be accepted by the API server. The text form is for ``--package-source``."""
     format: imagespec.ManifestFormat = "oci"
     compression: imagespec.Compression = "gzip"
 
@@ -36,6 +38,16 @@ class NixImageSpec(BaseModel):
             names.check_package_name(name)
         if len(set(value)) != len(value):
             raise ValueError("packages must not repeat")
+        return value
+
+    @field_validator("packageSource", mode="before")
+    @classmethod
+    def _source(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            raise ValueError(
+                f"packageSource is an object, e.g. {{type: nixpkgs, channel: nixos-24.05}}, "
+                f"not {value[:80]!r} (the text form is for --package-source)"
+            )
         return value
 
     @field_validator("tag")

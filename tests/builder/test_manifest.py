@@ -141,7 +141,8 @@ def test_nix_image_file(tmp_path: Path) -> None:
     path.write_text(
         "apiVersion: niximage.dev/v1alpha1\nkind: NixImage\n"
         "metadata: {name: tools, namespace: dev}\n"
-        "spec: {packages: [jq, bash], arch: arm64, tag: v1, packageSource: 'nixpkgs:nixos-24.05'}\n"
+        "spec: {packages: [jq, bash], arch: arm64, tag: v1,\n"
+        "       packageSource: {type: nixpkgs, channel: nixos-24.05}}\n"
     )
     image = resource.load_file(str(path))
     assert image.repository == "dev/tools" and image.spec.tag == "v1"
@@ -159,6 +160,7 @@ def test_nix_image_file(tmp_path: Path) -> None:
         ("spec: {packages: [jq], arch: riscv}", "arch"),
         ("spec: {packages: [jq], tag: 'bad tag'}", "tag"),
         ("spec: {packages: [jq], extra: 1}", "extra"),
+        ("spec: {packages: [jq], packageSource: 'nixpkgs:x'}", "packageSource is an object"),
     ],
 )
 def test_bad_nix_image_files(tmp_path: Path, body: str, message: str) -> None:
