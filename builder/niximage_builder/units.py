@@ -40,10 +40,12 @@ def format_duration(seconds: float) -> str:
     return f"{seconds:g}s"
 
 
-def format_bytes(size: int) -> str:
+def format_bytes(size: int, binary: bool = False) -> str:
+    """``1.5 kB`` (powers of 1000, as gc reports), or ``1.5 KiB`` with ``binary``."""
+    base, units = (1024, ("B", "KiB", "MiB", "GiB")) if binary else (1000, ("B", "kB", "MB", "GB"))
     value = float(size)
-    for unit in ("B", "kB", "MB", "GB"):
-        if value < 1000 or unit == "GB":
+    for unit in units:
+        if value < base or unit == units[-1]:
             return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
-        value /= 1000
+        value /= base
     raise AssertionError("unreachable")

@@ -1,6 +1,6 @@
 """The NixImage status: phase, conditions, image references, events. Pure.
 
-Imports specs, observations and the builder's result model. Follows the Kubernetes API
+Imports specs, observations and the builder's result model and units. Follows the Kubernetes API
 conventions (research/operator.md §5): ``Ready`` (positive polarity, for ``kubectl wait``)
 and ``Building``, each with a CamelCase reason and a message that says what is wrong;
 ``lastTransitionTime`` moves only when a condition's status flips; ``observedGeneration``
@@ -15,6 +15,7 @@ from datetime import datetime
 from typing import Any
 
 from niximage_builder.result import BuildResult
+from niximage_builder.units import format_bytes
 from niximage_operator.observations import BuildFailure, PodObservation, format_time
 from niximage_operator.specs import Target
 
@@ -86,9 +87,8 @@ def ready(
     digest = result.manifestDigest or ""
     image = f"{registry}/{target.repository}:{target.tag}"
     how = "found in storage" if pod is None else f"built by {pod.name}"
-    message = (
-        f"{image} is {digest} ({len(result.layers)} layers, {human_size(result.imageSize)}; {how})"
-    )
+    size = format_bytes(result.imageSize, binary=True)
+    message = f"{image} is {digest} ({len(result.layers)} layers, {size}; {how})"
     ready_condition, building = _pair(True, "Succeeded", message, building=False)
     fields: dict[str, Any] = {
         "image": image,
@@ -170,15 +170,6 @@ def build_times(result: BuildResult, pod: PodObservation | None) -> dict[str, An
     if pod is not None and pod.finished_at is not None:
         times["finishedAt"] = format_time(pod.finished_at)
     return times
-
-
-def human_size(size: int) -> str:
-    value = float(size)
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if value < 1024 or unit == "GiB":
-            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
-        value /= 1024
-    raise AssertionError("unreachable")
 
 
 def merge_conditions(

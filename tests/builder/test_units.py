@@ -28,3 +28,6 @@ def test_format() -> None:
     assert [format_bytes(n) for n in (999, 1500, 2_500_000, 7_000_000_000_000)] == [
         "999 B", "1.5 kB", "2.5 MB", "7000.0 GB"
     ]  # fmt: skip
+    assert [format_bytes(n, binary=True) for n in (1023, 1536, 5 << 30)] == [
+        "1023 B", "1.5 KiB", "5.0 GiB"
+    ]  # fmt: skip

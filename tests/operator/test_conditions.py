@@ -163,9 +163,3 @@ def test_condition_messages_are_bounded() -> None:
     long = Condition("Ready", "False", "BuildFailed", "x" * 40000)
     [merged] = conditions.merge_conditions([], [long], 1, T0)
     assert len(merged["message"]) == conditions.MAX_MESSAGE
-
-
-def test_human_sizes() -> None:
-    assert conditions.human_size(512) == "512 B"
-    assert conditions.human_size(1536) == "1.5 KiB"
-    assert conditions.human_size(5 * 1024**3) == "5.0 GiB"
