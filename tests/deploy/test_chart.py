@@ -203,6 +203,8 @@ def test_operator_environment_is_valid_operator_settings(
     # The storage URL: the same for the operator and the registry, and mounted if a path.
     serve = serve_arguments(objects)
     assert serve.storage == settings.storage
+    # `kubectl exec … -c operator -- niximage gc` finds the same storage.
+    assert operator_environment(objects)["NIXIMAGE_STORAGE"] == settings.storage
     if settings.storage.startswith("/"):
         mounts = {m["mountPath"]: m for m in container(objects, "registry")["volumeMounts"]}
         assert mounts[settings.storage].get("readOnly") is True
@@ -474,6 +476,6 @@ def test_notes_follow_the_values() -> None:
     namespaced = notes((CHART / "ci" / "namespaced-filesystem-values.yaml",))
     assert "The operator watches only: team-a, team-b." in namespaced
     assert "kubectl apply -n team-a -f -" in namespaced
-    assert "bound to the same ReadWriteMany volume" in namespaced
+    assert "bound to a PersistentVolume of its own on the same shared files" in namespaced
     assert "Garbage collection runs in the operator every 12h (grace 2h)" in namespaced
     assert "Garbage collection is off" in text

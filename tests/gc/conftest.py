@@ -80,7 +80,7 @@ def gcs_atomic_delete(delete_preconditions: bool, monkeypatch: pytest.MonkeyPatc
     if delete_preconditions:
         return False
     lock = threading.Lock()
-    touch, delete = gc._gcs_touch, gc._gcs_delete_if_stale
+    touch, delete = gc.gcs.touch_blob, gc.gcs.delete_blob_if_stale
 
     def locked_touch(storage: Any, digest: Any) -> Any:
         with lock:
@@ -90,8 +90,8 @@ def gcs_atomic_delete(delete_preconditions: bool, monkeypatch: pytest.MonkeyPatc
         with lock:
             return delete(storage, digest, cutoff)
 
-    monkeypatch.setattr(gc, "_gcs_touch", locked_touch)
-    monkeypatch.setattr(gc, "_gcs_delete_if_stale", locked_delete)
+    monkeypatch.setattr(gc.gcs, "touch_blob", locked_touch)
+    monkeypatch.setattr(gc.gcs, "delete_blob_if_stale", locked_delete)
     return True
 
 
@@ -132,7 +132,7 @@ def hooks(monkeypatch: pytest.MonkeyPatch) -> Callable[..., Any]:
         from tests.gc.support import Hooks
 
         installed = Hooks(*gates)
-        monkeypatch.setattr(gc, "CHECKPOINT", installed)
+        monkeypatch.setattr(gc.hooks, "CHECKPOINT", installed)
         return installed
 
     return install

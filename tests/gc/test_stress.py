@@ -106,7 +106,7 @@ def test_gc_and_builds_in_a_loop(
     # Short enough that blobs age within a build; long enough for a root read (rule G1).
     grace = 0.3 if store.name == "filesystem" else 1.0
     shaker = Shaker(seed, stall=grace * 1.5)
-    monkeypatch.setattr(gc, "CHECKPOINT", shaker)
+    monkeypatch.setattr(gc.hooks, "CHECKPOINT", shaker)
     # Garbage to start with (its own layers, and the two every image has).
     build_image(store.storage, fake_nix, "omega", "psi")
     stop = threading.Event()
