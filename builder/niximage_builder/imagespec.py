@@ -13,7 +13,7 @@ import hashlib
 import json
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, field_validator
+from pydantic import BaseModel, ConfigDict, ValidationError, field_validator, model_validator
 
 from niximage_builder import names
 from niximage_builder.errors import InvalidInput
@@ -48,6 +48,13 @@ class ImageSpec(BaseModel):
         if isinstance(value, str) or not isinstance(value, list | tuple):
             raise ValueError("packages must be a list of package names")
         return names.normalise_packages(value)
+
+    @model_validator(mode="after")
+    def _layer_type_exists(self) -> ImageSpec:
+        if self.format == "docker" and self.compression == "zstd":
+            # Docker schema2 defines gzip layers only (manifest.LAYER_TYPES).
+            raise ValueError("format docker has no zstd layers: use format oci, or gzip")
+        return self
 
     @property
     def system(self) -> str:
@@ -92,5 +99,12 @@ def make_spec(
             format=format,
             compression=compression,
         )
+    except ValidationError as exc:
+        problems = "; ".join(
+            ".".join(str(part) for part in err["loc"]) + (": " if err["loc"] else "")
+            + err["msg"].removeprefix("Value error, ")
+            for err in exc.errors()
+        )  # fmt: skip
+        raise InvalidInput(f"invalid image spec: {problems}") from exc
     except ValueError as exc:
         raise InvalidInput(f"invalid image spec: {exc}") from exc

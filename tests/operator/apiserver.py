@@ -29,7 +29,8 @@ https://kubernetes.io/docs/reference/using-api/api-concepts/):
 
 Not emulated (no test relies on them): strategic-merge and apply patches (415), pod
 graceful deletion (pods go at once, as with gracePeriodSeconds=0), chunked lists
-(``limit``/``continue``), bookmarks other than the end of initial events, CEL rules.
+(``limit``/``continue``), bookmarks other than the end of initial events, CEL
+transition rules (``oldSelf``). CEL rules on ``self`` are evaluated with cel-python.
 """
 
 from __future__ import annotations
@@ -593,6 +594,8 @@ class ApiServer(kmock.KubernetesEmulator):
         causes = [
             f"{'.'.join(str(p) for p in e.path) or '<root>'}: {e.message}" for e in errors
         ] + list_type_problems(obj, kind.schema)
+        if not causes:  # as the API server: CEL rules run on a schema-valid object
+            causes = cel_problems(obj, kind.schema)
         if causes:
             causes_text = "; ".join(causes)
             name = obj.get("metadata", {}).get("name")
@@ -792,6 +795,28 @@ def list_type_problems(obj: Any, schema: Mapping[str, Any], path: str = "") -> l
             problems += [f"{path}: Duplicate value: {item}" for item in duplicates]
         for index, item in enumerate(obj):
             problems += list_type_problems(item, schema["items"], f"{path}[{index}]")
+    return problems
+
+
+def cel_problems(obj: Any, schema: Mapping[str, Any], path: str = "") -> list[str]:
+    """``x-kubernetes-validations``: each rule, with ``self`` the value at its level, must
+    be true; a false one is reported with its message ("Validation rules", CRD docs)."""
+    import celpy  # only the CRD's rules need it
+
+    problems: list[str] = []
+    for rule in schema.get("x-kubernetes-validations") or ():
+        environment = celpy.Environment()
+        program = environment.program(environment.compile(rule["rule"]))
+        if not program.evaluate({"self": celpy.json_to_cel(obj)}):
+            message = rule.get("message") or f"failed rule: {rule['rule']}"
+            problems.append(f"{path or '<root>'}: Invalid value: {message}")
+    if isinstance(obj, dict):
+        for name, sub in (schema.get("properties") or {}).items():
+            if name in obj:
+                problems += cel_problems(obj[name], sub, f"{path}.{name}".lstrip("."))
+    elif isinstance(obj, list) and isinstance(schema.get("items"), Mapping):
+        for index, item in enumerate(obj):
+            problems += cel_problems(item, schema["items"], f"{path}[{index}]")
     return problems
 
 

@@ -12,7 +12,7 @@ from typing import Any
 import jsonschema
 import pytest
 import yaml
-from apiserver import apply_defaults, list_type_problems, schema_problems
+from apiserver import apply_defaults, cel_problems, list_type_problems, schema_problems
 from kubernetes import client
 from operator_harness import ROOT
 from operator_samples import NAR_HASH, target
@@ -98,11 +98,11 @@ def test_every_junctor_field_is_declared_outside(crd_schema: dict[str, Any]) -> 
 
 
 def admit(schema: dict[str, Any], obj: dict[str, Any]) -> list[str]:
-    """What the API server would say: defaulting, then JSON schema and list types."""
+    """What the API server would say: defaulting, then JSON schema, list types and CEL."""
     obj = copy.deepcopy(obj)
     apply_defaults(obj, schema)
     errors = [e.message for e in jsonschema.Draft4Validator(schema).iter_errors(obj)]
-    return errors + list_type_problems(obj, schema)
+    return errors + list_type_problems(obj, schema) + cel_problems(obj, schema)
 
 
 def nix_image(**spec: Any) -> dict[str, Any]:
@@ -119,7 +119,8 @@ GIT = {"type": "git", "url": "https://e.org/p.git"}
 VALID = [
     {"packages": ["jq"]},
     {"packages": ["python3.pkgs.requests", "gtk+3", "_1password"], "tag": "v1.2_rc-3"},
-    {"packages": ["jq"], "arch": "arm64", "format": "docker", "compression": "zstd"},
+    {"packages": ["jq"], "arch": "arm64", "format": "docker", "compression": "gzip"},
+    {"packages": ["jq"], "format": "oci", "compression": "zstd"},
     {"packages": ["jq"], "packageSource": {"type": "nixpkgs", "channel": "nixos-24.05"}},
     {"packages": ["jq"], "packageSource": {**GIT, "rev": COMMIT}},
     {"packages": ["jq"], "packageSource": {"type": "path", "path": "/opt/pkgs"}},
@@ -135,6 +136,7 @@ INVALID = [
     {"packages": ["jq"], "tag": ".hidden"},
     {"packages": ["jq"], "tag": "a" * 129},
     {"packages": ["jq"], "format": "tar"},
+    {"packages": ["jq"], "format": "docker", "compression": "zstd"},
     {"packages": ["jq"], "packageSource": {**GIT, "rev": COMMIT, "ref": "main"}},
     {"packages": ["jq"], "packageSource": {"type": "git", "url": "ftp://e.org/p.git"}},
     {"packages": ["jq"], "packageSource": {"type": "nixpkgs"}},
@@ -222,3 +224,13 @@ def test_a_status_the_operator_writes_fits_the_schema(crd_schema: dict[str, Any]
     assert schema_problems([obj], crd_schema) == []
     obj["status"]["surprise"] = 1
     assert schema_problems([obj], crd_schema) != []  # a real server would prune it
+
+
+def test_a_cel_rule_says_why(crd_schema: dict[str, Any]) -> None:
+    """The CRD's CEL rules (run by cel-python, after defaulting, as the API server runs
+    them) say what the builder would say; INVALID above shows both refuse."""
+    obj = nix_image(packages=["jq"], format="docker", compression="zstd")
+    assert admit(crd_schema, obj) == [
+        "spec: Invalid value: format docker has no zstd layers: use format oci, or"
+        " compression gzip"
+    ]
