@@ -77,6 +77,13 @@ def storage_unavailable(message: str) -> Report:
     return Report("Retrying", ready, building)
 
 
+def builder_rejected(message: str) -> Report:
+    """The API server refused the builder pod (quota, Pod Security admission, a missing
+    service account): nothing runs until someone changes the cluster, so it is said."""
+    ready_condition, building = _pair(False, "BuilderRejected", message, building=False)
+    return Report("Retrying", ready_condition, building, dict(NO_POD))
+
+
 def ready(
     target: Target,
     result: BuildResult,

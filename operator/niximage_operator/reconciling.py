@@ -30,6 +30,10 @@ from niximage_operator.settings import OperatorSettings
 RESERVATION_TTL = 120.0
 """Seconds a pod we created counts as running before the watch has shown it to us."""
 KUBE_RETRY_DELAY = 10.0
+REFUSED = (400, 403, 422)
+"""API answers to a pod creation that the cluster's set-up causes (a quota, Pod Security
+admission, a missing service account, a webhook): the NixImage says so in its status.
+Other API errors are the operator's own trouble, logged and retried."""
 
 PodsOf = Callable[[str, str], Iterable[PodObservation]]
 """Builder pods of (namespace, build key), from kopf's index."""
@@ -171,7 +175,16 @@ async def _reconcile_target(
         decision = decisions.decide(world, ctx.settings.max_attempts, ctx.settings.retry_backoff)
         if not isinstance(decision, decisions.Start):
             return await _follow(ctx, body, target, old, decision)
-        started = await _start(ctx, body, target, decision, all_pods)
+        try:
+            started = await _start(ctx, body, target, decision, all_pods)
+        except KubeError as exc:
+            if exc.status not in REFUSED:
+                raise
+            delay = ctx.settings.retry_backoff(retry + 1)
+            name = podspec.pod_name(target.key, decision.attempt)
+            message = f"the API server refused builder pod {name}: {exc}; retrying in {delay:.0f} s"
+            report = conditions.builder_rejected(message)
+            return _finish(ctx, old, report, target, retry_after=delay)
         if isinstance(started, Reconciled):
             return started
         pod, created = started

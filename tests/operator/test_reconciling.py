@@ -136,6 +136,32 @@ async def test_a_pod_of_another_key_under_our_name_is_reported(tmp_path: Path) -
     assert "belongs to build key 000" in outcome.status["conditions"][0]["message"]
 
 
+class RefusingKube(FakeKube):
+    """An API server whose admission turns builder pods away, as a ResourceQuota does."""
+
+    async def create_pod(self, manifest: Mapping[str, Any]) -> dict[str, Any]:
+        name = manifest["metadata"]["name"]
+        raise kube.KubeError(
+            403,
+            f'pods "{name}" is forbidden: exceeded quota: compute, requested: requests.cpu=1,'
+            " used: requests.cpu=4, limited: requests.cpu=4",
+        )
+
+
+@pytest.mark.asyncio
+async def test_a_refused_builder_pod_is_said_in_the_status_and_retried(tmp_path: Path) -> None:
+    fake = RefusingKube()
+    ctx = context(FilesystemStorage(tmp_path), fake, retry_delay=10.0)
+    outcome = await reconcile(ctx, body(), retry=2)
+    ready = next(c for c in outcome.status["conditions"] if c["type"] == "Ready")
+    assert ready["reason"] == "BuilderRejected" and ready["status"] == "False"
+    assert "exceeded quota: compute" in ready["message"]
+    assert podspec.pod_name(target().key, 1) in ready["message"]
+    assert outcome.retry_after == 40.0  # the third retry: 10 s doubled twice
+    assert [(e.reason, e.warning) for e in outcome.events] == [("BuilderRejected", True)]
+    assert ctx.slots.in_use([], 0.0) == 0  # no slot is held for a pod that does not exist
+
+
 @pytest.mark.asyncio
 async def test_no_free_slot_queues_and_comes_back(tmp_path: Path) -> None:
     fake = FakeKube()
