@@ -122,13 +122,23 @@ def builder_pod(
         "restartPolicy": "Never",
         "containers": [container],
         # Nix builds natively: an arm64 image is built on an arm64 node.
-        "nodeSelector": {"kubernetes.io/arch": spec.arch, "kubernetes.io/os": "linux"},
+        "nodeSelector": {
+            **settings.builder_node_selector,
+            "kubernetes.io/arch": spec.arch,
+            "kubernetes.io/os": "linux",
+        },
         "activeDeadlineSeconds": int(settings.build_timeout) + DEADLINE_MARGIN,
         # The builder never talks to the Kubernetes API.
         "automountServiceAccountToken": False,
         "enableServiceLinks": False,
         "securityContext": pod_security(settings.builder_user),
     }
+    if settings.builder_tolerations:
+        pod_spec["tolerations"] = list(settings.builder_tolerations)
+    if settings.builder_image_pull_secrets:
+        pod_spec["imagePullSecrets"] = [
+            {"name": name} for name in settings.builder_image_pull_secrets
+        ]
     if settings.builder_service_account:
         pod_spec["serviceAccountName"] = settings.builder_service_account
     volumes = list(settings.builder_volumes)

@@ -62,6 +62,13 @@ class OperatorSettings(BaseSettings):
     storage's PersistentVolumeClaim or a Secret with a GCS key."""
     builder_volume_mounts: list[dict[str, Any]] = Field(default_factory=list)
     """Where the builder container mounts them (JSON list of ``VolumeMount`` objects)."""
+    builder_node_selector: dict[str, str] = Field(default_factory=dict)
+    """More node labels builder pods need (JSON); the NixImage's architecture is added."""
+    builder_tolerations: list[dict[str, Any]] = Field(default_factory=list)
+    """Tolerations of builder pods (JSON list), e.g. for dedicated build nodes."""
+    builder_image_pull_secrets: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    """Secrets (comma-separated names, in each NixImage's namespace) to pull the builder
+    image with."""
     builder_user: int = Field(default=65532, ge=1)
     """uid and gid builder pods run as (the image's unprivileged user); never root."""
 
@@ -92,7 +99,10 @@ class OperatorSettings(BaseSettings):
     watch_timeout: float = Field(default=300.0, gt=0)
     """Server-side timeout of one watch request; kopf reconnects from the last version."""
 
-    @field_validator("package_sources", "builder_command", "namespaces", mode="before")
+    @field_validator(
+        "package_sources", "builder_command", "builder_image_pull_secrets", "namespaces",
+        mode="before",
+    )  # fmt: skip
     @classmethod
     def _comma_list(cls, value: Any) -> Any:
         # Environment variables hold "a,b"; flags and code pass lists.

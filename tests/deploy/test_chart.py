@@ -280,6 +280,18 @@ def test_builder_pods_reach_the_storage_as_the_operator_does(
     assert builder["securityContext"]["capabilities"] == {"drop": ["ALL"]}
 
 
+def test_builder_pods_are_placed_and_pull_as_the_values_say(
+    rendered: tuple[Path, list[dict[str, Any]]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    settings = operator_settings(rendered[1], monkeypatch)
+    values = load_values(rendered[0])
+    builder = values.get("builder", {})
+    assert settings.builder_node_selector == builder.get("nodeSelector", {})
+    assert settings.builder_tolerations == builder.get("tolerations", [])
+    secrets = builder.get("imagePullSecrets") or values.get("imagePullSecrets", [])
+    assert settings.builder_image_pull_secrets == [secret["name"] for secret in secrets]
+
+
 def test_gc_runs_in_the_operator_only_when_enabled(monkeypatch: pytest.MonkeyPatch) -> None:
     assert operator_settings(render(), monkeypatch).gc_interval is None
     enabled = render(sets={"gc.enabled": "true", "gc.interval": "12h", "gc.grace": "2h"})

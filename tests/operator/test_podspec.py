@@ -115,6 +115,24 @@ def test_storage_volumes_come_after_the_nix_store() -> None:
     assert spec["volumes"] == [STORAGE_VOLUME]
 
 
+def test_scheduling_and_pull_secrets() -> None:
+    configured = settings(
+        builder_node_selector={"pool": "builds", "kubernetes.io/arch": "s390x"},
+        builder_tolerations=[{"key": "dedicated", "operator": "Exists", "effect": "NoSchedule"}],
+        builder_image_pull_secrets="registry-a, registry-b",
+    )
+    spec = podspec.builder_pod(target(arch="arm64"), 1, body(), configured)["spec"]
+    assert spec["nodeSelector"] == {  # the NixImage's architecture wins
+        "pool": "builds",
+        "kubernetes.io/arch": "arm64",
+        "kubernetes.io/os": "linux",
+    }
+    assert spec["tolerations"] == configured.builder_tolerations
+    assert spec["imagePullSecrets"] == [{"name": "registry-a"}, {"name": "registry-b"}]
+    plain = podspec.builder_pod(target(), 1, body(), settings())["spec"]
+    assert "tolerations" not in plain and "imagePullSecrets" not in plain
+
+
 def test_the_pod_meets_the_restricted_pod_security_standard() -> None:
     """The checks of the "restricted" level (kubernetes.io/docs/concepts/security/
     pod-security-standards) that a pod spec can fail, for the pod and its container."""
@@ -148,6 +166,8 @@ def test_the_manifest_is_a_pod_the_official_model_knows_field_by_field() -> None
         builder_env={"NIX_CONFIG": "max-jobs = 4"},
         builder_volumes=[STORAGE_VOLUME],
         builder_volume_mounts=[STORAGE_MOUNT],
+        builder_tolerations=[{"key": "dedicated", "operator": "Exists"}],
+        builder_image_pull_secrets=["registry"],
     )
     manifest = podspec.builder_pod(target(arch="arm64"), 2, body(), configured)
     typed = client.V1Pod.from_dict(manifest)

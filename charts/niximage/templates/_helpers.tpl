@@ -102,3 +102,10 @@ runAsNonRoot: true
 capabilities:
   drop: [ALL]
 {{- end }}
+
+{{/* The names of an imagePullSecrets list ([{name: …}]), comma-joined. */}}
+{{- define "niximage.secretNames" -}}
+{{- $names := list }}
+{{- range . }}{{ $names = append $names .name }}{{ end }}
+{{- join "," $names }}
+{{- end }}
