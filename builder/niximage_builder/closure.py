@@ -88,6 +88,8 @@ class ClosureGraph:
 def parse_entries(raw: Any) -> dict[str, StorePath]:
     """Graph entries in list form (Nix 2.8) or object form (newer Nix)."""
     if isinstance(raw, Mapping):
+        if not all(isinstance(info, Mapping | None) for info in raw.values()):
+            raise InvalidInput("closure graph: expected an object of store path → info")
         items = [{**info, "path": path} for path, info in raw.items() if info is not None]
     elif isinstance(raw, list):
         items = raw

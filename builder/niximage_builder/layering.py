@@ -210,9 +210,12 @@ def layers_to_json(layers: Iterable[Layer]) -> list[dict[str, Any]]:
 
 
 def read_graph(data: Any) -> ClosureGraph:
-    """Our graph file, or Nix's own output (a list, or an object keyed by path) as is."""
+    """Our graph file, ``niximage plan --json`` output (its ``closure`` and ``roots``), or
+    Nix's own ``path-info --json`` output (a list, or an object keyed by path) as is."""
     if isinstance(data, Mapping) and "graph" in data:
         return parse_graph(data)
+    if isinstance(data, Mapping) and "closure" in data:
+        return parse_graph({"graph": data["closure"], "roots": data.get("roots", ())})
     return parse_graph({"graph": data})
 
 

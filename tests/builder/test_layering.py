@@ -194,6 +194,7 @@ def test_graph_forms_give_the_same_layers(tmp_path: Path) -> None:
         "object.json": {"roots": list(graph.roots), "graph": as_object},
         "raw-list.json": entries,
         "raw-object.json": as_object,
+        "plan.json": {"spec": {}, "roots": list(graph.roots), "closure": entries},
     }
     pop_file = tmp_path / "popularity.json"
     pop_file.write_text(json.dumps({"G-2.38": 2000, "L-1.0": 12}))
@@ -201,8 +202,9 @@ def test_graph_forms_give_the_same_layers(tmp_path: Path) -> None:
     for name, data in forms.items():
         (tmp_path / name).write_text(json.dumps(data))
         assert layers_command(str(tmp_path / name), str(pop_file), 94) == expected, name
-        wrapped = data if isinstance(data, dict) and "graph" in data else {"graph": data}
-        assert parse_graph(wrapped).nodes == graph.nodes
+        if name != "plan.json":  # `niximage plan --json` output: layers_command only
+            wrapped = data if isinstance(data, dict) and "graph" in data else {"graph": data}
+            assert parse_graph(wrapped).nodes == graph.nodes
 
 
 def test_layers_command_errors(tmp_path: Path) -> None:
@@ -211,6 +213,9 @@ def test_layers_command_errors(tmp_path: Path) -> None:
     bad = tmp_path / "bad.json"
     bad.write_text("{not json")
     with pytest.raises(InvalidInput):
+        layers_command(str(bad), None, 94)
+    bad.write_text(json.dumps({"spec": "jq"}))  # an object, but not of store paths
+    with pytest.raises(InvalidInput, match="expected an object of store path"):
         layers_command(str(bad), None, 94)
     good = tmp_path / "graph.json"
     good.write_text(json.dumps(example().to_json()))
