@@ -6,7 +6,7 @@ in ``layers/`` (and whose blob exists) is neither packed nor uploaded again, by 
 Metadata is written only after the blobs it names, so a reader that finds a ``layers/``,
 ``builds/`` or ``tags/`` entry always finds its blobs.
 
-Garbage collection may run at any time (``gc.py``'s module doc has the protocol and why it is
+Garbage collection may run at any time (``gc``'s module doc has the protocol and why it is
 safe): a build holds a lease naming the blobs it relies on, touches every blob it reuses,
 and after writing the manifest touches every blob again, packing anew whatever vanished.
 """
@@ -252,7 +252,7 @@ def _secure(
 ) -> int:
     """Touch every blob of the written manifest; pack or put again what a gc removed.
 
-    Rule W3 of ``gc.py``: after this, no gc deletes these blobs within its grace period.
+    Rule W3 of ``gc``: after this, no gc deletes these blobs within its grace period.
     Returns the bytes of small blobs put again (repacked layers count in ``packer``).
     """
     by_digest = {Digest.parse(layer.digest): index for index, layer in enumerate(layers)}
@@ -337,7 +337,7 @@ def _record(storage: Storage, key: str, result: BuildResult) -> None:
 def record_tag(storage: Storage, repository: str, tag: str, result: BuildResult) -> None:
     """Point ``repository:tag`` at the result's manifest (after all its blobs exist).
 
-    Then touches every blob of the image (rule W4 of ``gc.py``): if a gc removed one since the
+    Then touches every blob of the image (rule W4 of ``gc``): if a gc removed one since the
     build, ``StorageError`` is raised and the tag is put back as it was (or deleted), so that
     a tag never names a missing blob; building again repairs the image.
     """
