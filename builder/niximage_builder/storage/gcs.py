@@ -26,7 +26,6 @@ published the same content first: a success. Every call goes through one ``Retry
 from __future__ import annotations
 
 import contextlib
-import datetime
 import hashlib
 import io
 import logging
@@ -50,6 +49,7 @@ from google.cloud.storage.retry import DEFAULT_RETRY
 from niximage_builder.digest import Digest
 from niximage_builder.errors import InvalidInput, NotFound, StorageError
 from niximage_builder.storage.base import check_key, check_prefix, is_key
+from niximage_builder.storage.gcs_signing import UrlSigner
 
 log = logging.getLogger(__name__)
 
@@ -120,7 +120,7 @@ class GcsStorage:
         self._bucket = self._client.bucket(bucket)
         self.retry = retry
         self.chunk_size = chunk_size
-        self._can_sign: bool | None = None  # learnt at the first signing attempt
+        self._signer = UrlSigner(self._client._credentials)
 
     # names
 
@@ -174,26 +174,13 @@ class GcsStorage:
                 yield Digest(hex_), int(blob.size or 0), mtime
 
     def signed_blob_url(self, digest: Digest, ttl_seconds: int) -> str | None:
-        """A V4 signed GET URL, or None when the credentials cannot sign (no private key)."""
+        """A V4 signed GET URL, or None when the credentials cannot sign (gcs_signing)."""
         if not 0 < ttl_seconds <= _MAX_SIGNED_TTL:
             raise InvalidInput(f"signed URL lifetime must be 1..{_MAX_SIGNED_TTL} s")
-        if self._can_sign is False:
-            return None
         try:
-            url = self._blob_for(digest).generate_signed_url(
-                version="v4",
-                method="GET",
-                expiration=datetime.timedelta(seconds=ttl_seconds),
-            )
-        except AttributeError:
-            # The library's documented answer for credentials without a private key
-            # (anonymous, compute engine, gcloud user): the registry streams instead.
-            self._can_sign = False
-            return None
+            return self._signer.sign(self._blob_for(digest), ttl_seconds)
         except _LIBRARY_ERRORS as exc:
             raise StorageError(f"cannot sign a URL for {digest}: {exc}") from exc
-        self._can_sign = True
-        return str(url)
 
     # metadata
 
