@@ -5,13 +5,16 @@
 #   system    Nix system of the image, e.g. "x86_64-linux"
 #   srcType   "path" | "nixpkgs" | "git"
 #   srcArgs   JSON object: {path, narHash?} | {channel} | {url, rev?, ref?}
+#   nixpkgsArchive  where nixpkgs tarballs come from: <archive>/<channel>.tar.gz (GitHub's
+#             archive, or a mirror with the same layout for clusters without GitHub)
 #
 # `nix-build -A contents` realises the requested packages and prints their store paths;
 # if any name does not resolve, evaluation fails with ONE error naming all of them,
 # marked `niximage-not-found:<JSON list>` so the caller can report every missing package
 # at once (Nix itself would stop at the first). The runtime closure graph is then read
 # with `nix path-info --json --recursive` on those paths.
-{ packages, system ? builtins.currentSystem, srcType ? "path", srcArgs ? "{}" }:
+{ packages, system ? builtins.currentSystem, srcType ? "path", srcArgs ? "{}"
+, nixpkgsArchive ? "https://github.com/NixOS/nixpkgs/archive" }:
 
 let
   args = builtins.fromJSON srcArgs;
@@ -23,7 +26,7 @@ let
        then builtins.path { path = /. + args.path; name = "source"; sha256 = args.narHash; }
        else /. + args.path)
     else if srcType == "nixpkgs" then
-      builtins.fetchTarball "https://github.com/NixOS/nixpkgs/archive/${args.channel}.tar.gz"
+      builtins.fetchTarball "${nixpkgsArchive}/${args.channel}.tar.gz"
     else if srcType == "git" then
       builtins.fetchGit ({ url = args.url; }
         // (if args ? rev && args.rev != null then { rev = args.rev; allRefs = true; } else { })

@@ -31,11 +31,14 @@ class PackagesNotFound(NixImageError):
 
 
 class NixFailure(NixImageError):
-    """Nix failed; ``kind`` is EvalError or BuildFailed; ``log`` is Nix's stderr tail."""
+    """Nix failed; ``kind`` is EvalError or BuildFailed; ``log`` is Nix's stderr tail.
+    ``transient``: Nix could not reach the network (a download, a git fetch), so the same
+    spec may well succeed later."""
 
-    def __init__(self, kind: str, message: str, log: str = "") -> None:
+    def __init__(self, kind: str, message: str, log: str = "", transient: bool = False) -> None:
         self.kind = kind
         self.log = log
+        self.transient = transient
         super().__init__(message)
 
 

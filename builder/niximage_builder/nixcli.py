@@ -30,9 +30,20 @@ from niximage_builder.imagespec import ImageSpec
 from niximage_builder.sources import GitSource, NixpkgsSource, PathSource
 
 NIX_DIR = Path(__file__).resolve().parents[2] / "nix"
+NIXPKGS_ARCHIVE = "https://github.com/NixOS/nixpkgs/archive"
 """The repository's nix/ folder (prepare-image.nix, the offline package set)."""
 
 _NOT_FOUND = re.compile(r"niximage-not-found:(\[[^\]]*\])")
+_NETWORK_FAILURE = re.compile(
+    r"unable to download|Could(?: not|n't) resolve host|Failed to connect|"
+    r"Connection (?:refused|timed out|reset)|Timeout was reached|SSL connect error|"
+    r"unable to access '|Temporary failure in name resolution|Network is unreachable",
+)
+"""Nix (curl, git) could not reach a server: worth another attempt, unlike a failed
+build or evaluation, which gives the same answer every time."""
+_HTTP_CLIENT_ERROR = re.compile(r"HTTP error 4\d\d")
+"""…except a 4xx answer: the URL or revision is wrong (a 404 for a commit that does not
+exist), and asking again does not change that."""
 _BUILD_FAILURE = re.compile(
     r"builder for .* failed|cannot build|is required to build|build of .* failed|"
     r"failed to build|Cannot build",
@@ -49,6 +60,11 @@ class NixSettings:
     """Folder holding prepare-image.nix."""
     extra_args: tuple[str, ...] = field(default_factory=tuple)
     """Extra arguments for nix-build, e.g. ``("--option", "max-jobs", "4")``."""
+    nixpkgs_archive: str = field(
+        default_factory=lambda: os.environ.get("NIXIMAGE_NIXPKGS_ARCHIVE", NIXPKGS_ARCHIVE)
+    )
+    """Where ``nixpkgs:`` sources are fetched: ``<archive>/<channel or commit>.tar.gz``.
+    A mirror serves the same bytes, so it is not part of the build key."""
 
 
 @dataclass(frozen=True)
@@ -122,9 +138,10 @@ def classify_failure(stderr: str) -> Exception:
         return PackagesNotFound(json.loads(found.group(1)))
     tail = stderr[-_STDERR_TAIL:]
     message = _first_error_line(stderr)
+    network = bool(_NETWORK_FAILURE.search(stderr)) and not _HTTP_CLIENT_ERROR.search(stderr)
     if _BUILD_FAILURE.search(stderr):
-        return NixFailure("BuildFailed", f"Nix build failed: {message}", tail)
-    return NixFailure("EvalError", f"Nix evaluation failed: {message}", tail)
+        return NixFailure("BuildFailed", f"Nix build failed: {message}", tail, network)
+    return NixFailure("EvalError", f"Nix evaluation failed: {message}", tail, network)
 
 
 def _first_error_line(stderr: str) -> str:
@@ -183,6 +200,9 @@ def realise(
             "--argstr",
             "srcArgs",
             src_args,
+            "--argstr",
+            "nixpkgsArchive",
+            settings.nixpkgs_archive.rstrip("/"),
             *settings.extra_args,
         ],
         settings.timeout,

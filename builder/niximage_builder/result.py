@@ -86,6 +86,8 @@ class BuildResult(BaseModel):
             summary.update(digest=self.manifestDigest, size=self.imageSize, layers=len(self.layers))
         elif self.error is not None:
             summary.update(kind=self.error.kind, message=self.error.message[:1000])
+            if self.error.transient:
+                summary["transient"] = True
             names = list(self.error.missingPackages)
             while (
                 names and len(json.dumps({**summary, "missingPackages": names})) > TERMINATION_LIMIT

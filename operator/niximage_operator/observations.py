@@ -157,7 +157,9 @@ def _builder_error(data: Mapping[str, Any]) -> BuildFailure:
     return BuildFailure(
         kind if kind in REASONS else "BuildFailed",
         message,
-        transient=kind in TRANSIENT_KINDS,
+        # The builder says when a failure is worth another attempt (Nix could not reach
+        # the network); older builders did not, and their kinds tell.
+        transient=bool(data.get("transient")) or kind in TRANSIENT_KINDS,
         missing=missing,
     )
 

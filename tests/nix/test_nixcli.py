@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import http.server
 import os
 import shutil
 import subprocess
@@ -38,6 +39,61 @@ def test_eval_error_is_classified() -> None:
     error = nixcli.classify_failure("error: undefined variable 'foo'\n at x.nix:1:1")
     assert isinstance(error, NixFailure) and error.kind == "EvalError"
     assert "undefined variable 'foo'" in str(error)
+
+
+@pytest.mark.parametrize(
+    ("stderr", "transient"),
+    [
+        ("error: unable to download 'https://github.com/NixOS/nixpkgs/archive/x.tar.gz':"
+         " Couldn't resolve host name (6)", True),
+        ("error: unable to download 'http://mirror/x.tar.gz': Timeout was reached (28)", True),
+        ("fatal: unable to access 'https://example.org/p.git/': Could not resolve host", True),
+        ("error: unable to download 'https://github.com/NixOS/nixpkgs/archive/0000.tar.gz':"
+         " HTTP error 404", False),
+        ("error: undefined variable 'foo'", False),
+    ],
+)  # fmt: skip
+def test_network_failures_are_worth_another_attempt(stderr: str, transient: bool) -> None:
+    error = nixcli.classify_failure(stderr)
+    assert isinstance(error, NixFailure) and error.kind == "EvalError"
+    assert error.transient is transient
+
+
+class _Answer404(http.server.BaseHTTPRequestHandler):
+    def do_GET(self) -> None:
+        self.send_error(404)
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+@needs_nix
+@pytest.mark.parametrize("reachable", [False, True], ids=["unreachable", "http-404"])
+def test_a_nixpkgs_download_that_fails_says_whether_to_retry(reachable: bool) -> None:
+    """Real Nix fetching a nixpkgs tarball from a mirror: a server that does not answer is
+    worth another attempt; a 404 (no such commit) is not."""
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Answer404)
+    port = server.server_address[1]
+    if reachable:
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+    else:
+        server.server_close()  # nothing listens on the port any more
+    settings = nixcli.NixSettings(
+        timeout=60,
+        nixpkgs_archive=f"http://127.0.0.1:{port}/archive",
+        extra_args=("--option", "download-attempts", "1", "--option", "connect-timeout", "5"),
+    )
+    spec = imagespec.make_spec(["jq"], sources.parse_source("nixpkgs:" + "ab" * 20))
+    try:
+        with pytest.raises(NixFailure) as caught:
+            nixcli.realise(spec, settings)
+    finally:
+        if reachable:
+            server.shutdown()
+            server.server_close()
+    assert caught.value.kind == "EvalError"
+    assert f"127.0.0.1:{port}/archive/{'ab' * 20}.tar.gz" in str(caught.value)
+    assert caught.value.transient is not reachable
 
 
 def test_missing_nix_binary() -> None:

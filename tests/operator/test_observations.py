@@ -8,7 +8,7 @@ from datetime import UTC, datetime
 import pytest
 from operator_samples import pod, target, terminated
 
-from niximage_builder.errors import PackagesNotFound, StorageError
+from niximage_builder.errors import NixFailure, PackagesNotFound, StorageError
 from niximage_builder.result import BuildError, BuildResult
 from niximage_operator import observations
 from niximage_operator.observations import BuildFailure
@@ -73,6 +73,13 @@ def test_missing_packages_are_permanent_and_listed() -> None:
 def test_a_builder_storage_error_is_transient() -> None:
     found = failed_with(builder_message(StorageError("bucket gone")))
     assert found is not None and found.reason == "StorageError" and found.transient
+
+
+def test_a_network_failure_of_nix_is_transient() -> None:
+    """The builder's own verdict travels in the termination message (``transient``)."""
+    error = NixFailure("EvalError", "Nix evaluation failed: unable to download …", transient=True)
+    found = failed_with(builder_message(error))
+    assert found is not None and found.reason == "EvalError" and found.transient
 
 
 @pytest.mark.parametrize(
