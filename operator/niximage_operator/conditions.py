@@ -1,10 +1,10 @@
 """The NixImage status: phase, conditions, image references, events. Pure.
 
-Imports specs, observations and the builder's result model and units. Follows the Kubernetes API
-conventions (research/operator.md §5): ``Ready`` (positive polarity, for ``kubectl wait``)
-and ``Building``, each with a CamelCase reason and a message that says what is wrong;
-``lastTransitionTime`` moves only when a condition's status flips; ``observedGeneration``
-tells a reader whether the status is about the spec they see.
+Imports specs, observations, and the builder's result model and units. Follows the
+Kubernetes API conventions (research/operator.md §5): ``Ready`` (positive polarity, for
+``kubectl wait``) and ``Building``, each with a CamelCase reason and a message that says
+what is wrong; ``lastTransitionTime`` moves only when a condition's status flips;
+``observedGeneration`` tells a reader whether the status is about the spec they see.
 """
 
 from __future__ import annotations

@@ -1,8 +1,9 @@
 """Running the operator: kopf's settings and the kopf operator itself, in this process.
 
-Imports kopf, handlers (which registers them), reconciling, collecting and settings. kopf runs
-in-process with the handlers module imported by name (never ``kopf run path.py``, which
-would put this package's folder on ``sys.path``: research/aesthetics.md §7).
+Imports kopf, handlers (which registers them), reconciling, collecting and settings.
+kopf runs in-process with the handlers module imported by name (never ``kopf run
+path.py``, which would put this package's folder on ``sys.path``: research/aesthetics.md
+§7).
 """
 
 from __future__ import annotations
