@@ -41,6 +41,12 @@ async def test_ping_challenges_with_realm_and_service(make_client: Any, image: A
     assert params["realm"] == f"http://127.0.0.1:{client.port}/token"
     assert params["service"] == "niximage"
     assert (await response.json())["errors"][0]["code"] == "UNAUTHORIZED"
+    # Behind a TLS-terminating proxy the realm keeps the client's scheme.
+    behind = await client.get("/v2/", headers={"X-Forwarded-Proto": "https"})
+    realm = challenge_params(behind.headers["WWW-Authenticate"])["realm"]
+    assert realm == f"https://127.0.0.1:{client.port}/token"
+    odd = await client.get("/v2/", headers={"X-Forwarded-Proto": "gopher"})
+    assert challenge_params(odd.headers["WWW-Authenticate"])["realm"].startswith("http://")
 
 
 async def test_full_token_flow(make_client: Any, image: Any) -> None:

@@ -169,7 +169,7 @@ class Registry:
             user = self.auth.basic_user(header)
             if user is not None:
                 return user
-        realm = self.auth.settings.realm or f"{request.scheme}://{_safe_host(request)}/token"
+        realm = self.auth.settings.realm or f"{_scheme(request)}://{_safe_host(request)}/token"
         raise RegistryError(
             Code.UNAUTHORIZED,
             "authentication required",
@@ -221,6 +221,14 @@ class Registry:
         return web.Response(
             body=self.metrics.exposition(), headers={"Content-Type": "text/plain; version=0.0.4"}
         )
+
+
+def _scheme(request: web.Request) -> str:
+    """The scheme the client used: a TLS-terminating proxy (an Ingress, a load balancer) says
+    it in X-Forwarded-Proto. Trusting it is harmless: the realm only goes back to the same
+    client, which can at most mislead itself."""
+    forwarded = request.headers.get("X-Forwarded-Proto", "").split(",")[0].strip().lower()
+    return forwarded if forwarded in ("http", "https") else request.scheme
 
 
 def _safe_host(request: web.Request) -> str:
