@@ -1,11 +1,11 @@
 #!/usr/bin/env bash
 # Runs every benchmark with its reference, on this machine, in one go. Figures are ratios
 # against the reference measured in the same run (the machine is shared and noisy).
-#   benchmarks/run.sh [layering|pack|rebuild|registry|operator]...
+#   benchmarks/run.sh [layering|pack|rebuild|registry|operator|restart]...
 set -euo pipefail
 cd "$(dirname "$0")/.."
 selected=("$@")
-((${#selected[@]})) || selected=(layering pack rebuild registry operator)
+((${#selected[@]})) || selected=(layering pack rebuild registry operator restart)
 
 for name in "${selected[@]}"; do
   echo "=== $name"
@@ -19,6 +19,7 @@ for name in "${selected[@]}"; do
     rebuild) python3 benchmarks/warm_rebuild.py ;;
     registry) python3 benchmarks/registry.py ;;
     operator) python3 benchmarks/operator.py ;;
+    restart) python3 benchmarks/operator_restart.py ;;
     *) echo "unknown benchmark $name" >&2; exit 2 ;;
   esac
 done

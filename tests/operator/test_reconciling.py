@@ -15,6 +15,7 @@ from typing import Any
 import pytest
 from operator_samples import UID, body, pod, settings, sources, target
 
+from niximage_builder import build
 from niximage_builder.errors import StorageError
 from niximage_builder.storage.filesystem import FilesystemStorage
 from niximage_operator import kube, observations, podspec, reconciling
@@ -209,6 +210,46 @@ async def test_storage_trouble_does_not_unready_a_ready_image(tmp_path: Path) ->
     status = {"buildKey": target().key, "observedGeneration": 1, "conditions": [was_ready]}
     outcome = await reconcile(context(BrokenStorage(tmp_path), FakeKube()), body(status=status))
     assert outcome.status == {} and outcome.events == [] and outcome.retry_after is not None
+
+
+class CountingStorage(FilesystemStorage):
+    """Counts what the operator asks of storage."""
+
+    def __init__(self, root: Path) -> None:
+        super().__init__(root)
+        self.reads: list[str] = []
+
+    def read(self, key: str) -> bytes | None:
+        self.reads.append(key)
+        return super().read(key)
+
+
+@pytest.mark.asyncio
+async def test_a_ready_image_whose_tag_stands_costs_one_read(tmp_path: Path) -> None:
+    """What an operator restart does for each Ready NixImage: read its tag, and nothing
+    else (no build lookup, no touch of its blobs). A tag that moved, or a changed spec,
+    takes the full way."""
+    storage = CountingStorage(tmp_path)
+    digest = storage.put_blob(b'{"schemaVersion": 2}')
+    tagged = target()
+    storage.write(build.tag_path(tagged.repository, tagged.tag), str(digest).encode())
+    was_ready = {"type": "Ready", "status": "True", "reason": "Succeeded", "message": ""}
+    status = {
+        "buildKey": tagged.key,
+        "observedGeneration": 1,
+        "digest": str(digest),
+        "conditions": [was_ready],
+    }
+    fake = FakeKube()
+    outcome = await reconcile(context(storage, fake), body(status=status))
+    assert (outcome.status, outcome.events, outcome.retry_after) == ({}, [], None)
+    assert storage.reads == [build.tag_path(tagged.repository, tagged.tag)]
+    assert fake.created == []
+
+    storage.reads.clear()
+    moved = {**status, "digest": "sha256:" + "0" * 64}
+    await reconcile(context(storage, fake), body(status=moved))
+    assert build.build_key_path(tagged.key) in storage.reads  # the full reconcile
 
 
 @pytest.mark.asyncio
