@@ -402,6 +402,13 @@ def test_gcs_with_a_key_mounts_it_for_both_containers() -> None:
     assert f"{ENV_PREFIX}BUILDER_SERVICE_ACCOUNT" not in operator_environment(objects)
 
 
+def test_the_registry_gets_its_extra_environment() -> None:
+    objects = render((CHART / "ci" / "gcs-key-values.yaml",))
+    env = {e["name"]: e["value"] for e in container(objects, "registry")["env"]}
+    assert env["NIXIMAGE_GCS_RETRY_DEADLINE"] == "60"
+    assert env["GOOGLE_APPLICATION_CREDENTIALS"].endswith("/key.json")
+
+
 def test_filesystem_storage_claim_is_kept_on_uninstall() -> None:
     objects = render()
     (claim,) = by_kind(objects, "PersistentVolumeClaim")
