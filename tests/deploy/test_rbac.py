@@ -201,7 +201,7 @@ class EnforcingApiServer(ApiServer):
 
     async def _handle(self, request: Any) -> Any:
         if request.headers.get("User-Agent", "").startswith(OPERATOR_AGENTS):
-            asked = self._access(request)
+            asked = self.access_of(request)
             if asked is not None and not self._allowed(*asked):
                 self.denied.append(asked)
                 verb, group, resource, namespace = asked
@@ -210,25 +210,6 @@ class EnforcingApiServer(ApiServer):
                     ApiError(403, "Forbidden", f"cannot {verb} {group}/{resource} {where}")
                 )
         return await super()._handle(request)
-
-    def _access(self, request: Any) -> tuple[str, str, str, str | None] | None:
-        try:
-            target = self._target(request.url.path)
-        except ApiError:
-            return None
-        if target is None:
-            return None  # discovery: every authenticated user may
-        method = getattr(request.method, "value", request.method)
-        watching = request.params.get("watch") in ("true", "1")
-        verb = {
-            "GET": "watch" if watching else ("get" if target.name else "list"),
-            "POST": "create",
-            "PATCH": "patch",
-            "PUT": "update",
-            "DELETE": "delete",
-        }[method]
-        resource = target.kind.plural + (f"/{target.subresource}" if target.subresource else "")
-        return verb, target.kind.group, resource, target.namespace
 
     def _allowed(self, verb: str, group: str, resource: str, namespace: str | None) -> bool:
         if (verb, group, resource, ALL) in self.grants:

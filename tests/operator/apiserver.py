@@ -231,26 +231,32 @@ class ApiServer(kmock.KubernetesEmulator):
         starts with one of ``user_agents``, in RBAC's terms (for permission checks)."""
         found = set()
         for request in self._requests:
-            if not request.headers.get("User-Agent", "").startswith(user_agents):
-                continue
-            try:
-                target = self._target(request.url.path)
-            except ApiError:
-                continue
-            if target is None:
-                continue  # discovery: allowed to every authenticated user
-            method = getattr(request.method, "value", request.method)
-            watching = request.params.get("watch") in ("true", "1")
-            verb = {
-                "GET": "watch" if watching else ("get" if target.name else "list"),
-                "POST": "create",
-                "PATCH": "patch",
-                "PUT": "update",
-                "DELETE": "delete",
-            }[method]
-            resource = target.kind.plural + (f"/{target.subresource}" if target.subresource else "")
-            found.add((verb, target.kind.group, resource))
+            if request.headers.get("User-Agent", "").startswith(user_agents):
+                access = self.access_of(request)
+                if access is not None:
+                    found.add(access[:3])
         return found
+
+    def access_of(self, request: Any) -> tuple[str, str, str, str | None] | None:
+        """(verb, API group, resource[/subresource], namespace) of a request, as RBAC sees
+        it; None for discovery (allowed to every authenticated user) and unknown paths."""
+        try:
+            target = self._target(request.url.path)
+        except ApiError:
+            return None
+        if target is None:
+            return None
+        method = getattr(request.method, "value", request.method)
+        watching = request.params.get("watch") in ("true", "1")
+        verb = {
+            "GET": "watch" if watching else ("get" if target.name else "list"),
+            "POST": "create",
+            "PATCH": "patch",
+            "PUT": "update",
+            "DELETE": "delete",
+        }[method]
+        resource = target.kind.plural + (f"/{target.subresource}" if target.subresource else "")
+        return verb, target.kind.group, resource, target.namespace
 
     def written(self, plural: str) -> list[Json]:
         """Every version of custom resources of ``plural`` ever stored."""
