@@ -18,7 +18,7 @@ from typing import Any
 
 import pytest
 
-from niximage_builder import gc, nixcli
+from niximage_builder import checkpoints, gc, nixcli
 from tests.gc.support import FakeNix
 from tests.storage.backends import Backend, filesystem_backend, gcs_backend
 
@@ -79,8 +79,10 @@ def gcs_atomic_delete(delete_preconditions: bool, monkeypatch: pytest.MonkeyPatc
     this process (what ``ifGenerationMatch`` gives on Google's servers); True if shimmed."""
     if delete_preconditions:
         return False
+    from niximage_builder.storage.gcs import GcsStorage
+
     lock = threading.Lock()
-    touch, delete = gc.gcs.touch_blob, gc.gcs.delete_blob_if_stale
+    touch, delete = GcsStorage.touch_blob, GcsStorage.delete_blob_if_stale
 
     def locked_touch(storage: Any, digest: Any) -> Any:
         with lock:
@@ -90,8 +92,8 @@ def gcs_atomic_delete(delete_preconditions: bool, monkeypatch: pytest.MonkeyPatc
         with lock:
             return delete(storage, digest, cutoff)
 
-    monkeypatch.setattr(gc.gcs, "touch_blob", locked_touch)
-    monkeypatch.setattr(gc.gcs, "delete_blob_if_stale", locked_delete)
+    monkeypatch.setattr(GcsStorage, "touch_blob", locked_touch)
+    monkeypatch.setattr(GcsStorage, "delete_blob_if_stale", locked_delete)
     return True
 
 
@@ -132,7 +134,7 @@ def hooks(monkeypatch: pytest.MonkeyPatch) -> Callable[..., Any]:
         from tests.gc.support import Hooks
 
         installed = Hooks(*gates)
-        monkeypatch.setattr(gc.hooks, "CHECKPOINT", installed)
+        monkeypatch.setattr(checkpoints, "CHECKPOINT", installed)
         return installed
 
     return install

@@ -193,7 +193,7 @@ class Gate:
 
 
 class Hooks:
-    """Several gates (and observers) behind ``gc.hooks.CHECKPOINT``."""
+    """Several gates (and observers) behind ``checkpoints.CHECKPOINT``."""
 
     def __init__(self, *gates: Callable[[str, Mapping[str, Any]], None]) -> None:
         self.gates = list(gates)

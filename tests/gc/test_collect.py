@@ -187,6 +187,14 @@ def test_delete_if_stale_keeps_fresh_blobs(store: Store) -> None:
     assert store.storage.blob_size(digest) is None
 
 
+def test_a_storage_without_the_primitives_is_refused() -> None:
+    class Plain:  # a Storage that is no storage.base.Collectable
+        url = "plain"
+
+    with pytest.raises(StorageError, match="no delete_blob_if_stale"):
+        gc.delete_blob_if_stale(Plain(), Digest.of(b"x"), time.time())  # type: ignore[arg-type]
+
+
 def test_touch_and_delete_are_atomic(store: Store, hooks: Any, no_gcs_shim: None) -> None:
     """A touch that lands while gc is between its check and its delete: either the touch
     waits and reports the blob missing (filesystem lock), or the delete fails (GCS

@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 
-from niximage_builder import build, gc
+from niximage_builder import build, checkpoints, gc
 from niximage_builder.digest import Digest
 from niximage_builder.errors import StorageError
 from tests.gc.conftest import Store
@@ -106,7 +106,7 @@ def test_gc_and_builds_in_a_loop(
     # Short enough that blobs age within a build; long enough for a root read (rule G1).
     grace = 0.3 if store.name == "filesystem" else 1.0
     shaker = Shaker(seed, stall=grace * 1.5)
-    monkeypatch.setattr(gc.hooks, "CHECKPOINT", shaker)
+    monkeypatch.setattr(checkpoints, "CHECKPOINT", shaker)
     # Garbage to start with (its own layers, and the two every image has).
     build_image(store.storage, fake_nix, "omega", "psi")
     stop = threading.Event()

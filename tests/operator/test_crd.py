@@ -231,6 +231,5 @@ def test_a_cel_rule_says_why(crd_schema: dict[str, Any]) -> None:
     them) say what the builder would say; INVALID above shows both refuse."""
     obj = nix_image(packages=["jq"], format="docker", compression="zstd")
     assert admit(crd_schema, obj) == [
-        "spec: Invalid value: format docker has no zstd layers: use format oci, or"
-        " compression gzip"
+        "spec: Invalid value: format docker has no zstd layers: use format oci, or compression gzip"
     ]

@@ -23,8 +23,8 @@ What goes (sweep), in this order, so that a name goes before what it names:
 The protocol
 ============
 
-Two primitives per backend (``touch_blob``, ``delete_blob_if_stale``; proposed for
-``base.Storage``), atomic with respect to each other:
+Two primitives per backend (``touch_blob``, ``delete_blob_if_stale``: methods of the
+backend, ``storage.base.Collectable``), atomic with respect to each other:
 
 - *touch(d)* sets d's modification time to now, or answers "missing". Filesystem: ``utime``
   under a shared ``flock`` of the blob file, after checking that the path still names the
@@ -118,13 +118,13 @@ Limits, said plainly:
 
 The package, one job a module (each imports only those above it):
 
-- ``hooks``: ``checkpoint``, the test hook at the protocol's decision points;
+- (``niximage_builder.checkpoints``: ``checkpoint``, the test hook at the protocol's
+  decision points, outside the package so that the storage backends can use it;)
 - ``reading``: storage round trips a few at a time (``READERS``);
-- ``filesystem``: the two primitives on a filesystem store, and ``recover_trash``;
-- ``gcs``: the two primitives on GCS (through the GCS backend, once that is loaded);
 - ``marking``: what a manifest names, and the ``Marker`` that follows it from the roots;
-- ``blobs``: the primitives whatever the backend (``touch_blob``, ``delete_blob_if_stale``,
-  ``touch_all``, ``touch_image``), and stale uploads;
+- ``blobs``: the primitives, dispatched to the storage's own (``touch_blob``,
+  ``delete_blob_if_stale``, ``blob_mtime``, ``recover_trash``, stale uploads), and
+  ``touch_all``, ``touch_image``;
 - ``leases``: ``Lease`` for builds, ``read_leases`` for gc;
 - ``roots``: ``read_roots`` (tags, builds, leases) and ``result_digests``;
 - ``reports``: ``Report``, what a run did;
@@ -132,28 +132,30 @@ The package, one job a module (each imports only those above it):
 - ``command``: ``niximage gc`` (``add_arguments``, ``run``, ``main``; ``__main__`` for
   ``python -m niximage_builder.gc``).
 
-Together they import digest, errors, result, units, the storage interface and the filesystem
-backend (the GCS backend only when it is already loaded, the storage factory only when
-``run`` runs).
+Together they import digest, errors, result, units and the storage interface (the storage
+factory only when ``run`` runs): no backend. The backends implement the primitives
+(``storage.filesystem``, ``storage.gcs``) and mark their checkpoints through the
+project-wide ``niximage_builder.checkpoints``, which imports nothing.
 
 This ``__init__`` only re-exports: ``from niximage_builder import gc`` then ``gc.collect`` is
-the way in. The names are for reading and calling; a test that patches one patches the module
-that reads it (``gc.hooks.CHECKPOINT``, ``gc.leases.LEASE_FLUSH``, ``gc.gcs.touch_blob``).
+the way in. The names are for reading and calling; a test that patches one patches where it
+is read: the module (``checkpoints.CHECKPOINT``, ``gc.leases.LEASE_FLUSH``) or, for a
+primitive, the backend class (``GcsStorage.touch_blob``).
 """
 
+from niximage_builder.checkpoints import Checkpoint, checkpoint
 from niximage_builder.gc.blobs import (
     blob_mtime,
     count_stale_uploads,
     delete_blob_if_stale,
     purge_stale_uploads,
+    recover_trash,
     touch_all,
     touch_blob,
     touch_image,
 )
 from niximage_builder.gc.collecting import DEFAULT_GRACE, GraceTooShort, collect
 from niximage_builder.gc.command import add_arguments, main, run
-from niximage_builder.gc.filesystem import TRASH_PREFIX, recover_trash
-from niximage_builder.gc.hooks import Checkpoint, checkpoint
 from niximage_builder.gc.leases import (
     LEASE_FLUSH,
     LEASE_PREFIX,
@@ -180,7 +182,6 @@ __all__ = [
     "LEASE_TTL",
     "MANIFEST_LIMIT",
     "READERS",
-    "TRASH_PREFIX",
     "BlobInfo",
     "Checkpoint",
     "GraceTooShort",

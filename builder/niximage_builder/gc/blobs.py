@@ -1,41 +1,40 @@
-"""The primitives of the protocol on one blob, whatever the backend: ``touch_blob`` and
-``delete_blob_if_stale`` (atomic with respect to each other), ``blob_mtime``, and the
-temporary uploads of crashed writers. Builders use ``touch_all`` and ``touch_image``.
+"""The primitives of the protocol on one blob, dispatched to the storage that implements them
+(``storage.base.Collectable``): ``touch_blob`` and ``delete_blob_if_stale`` (atomic with
+respect to each other), ``blob_mtime``, the temporary uploads of crashed writers, and the
+recovery of deletions a killed gc left half done. Builders use ``touch_all`` and
+``touch_image``. A storage without the primitives gets a ``StorageError``, never a weaker
+answer.
 
-A backend that implements a primitive itself (``storage.touch_blob``) is asked first; then
-the filesystem and GCS ones of this package; an unknown backend gets the weakest safe answer.
-
-Imports digest, errors, the storage interface, reading, filesystem, gcs and marking.
+Imports digest, errors, the storage interface, reading and marking.
 """
 
 from __future__ import annotations
 
-import contextlib
-import time
 from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
+from typing import cast
 
 from niximage_builder.digest import Digest
 from niximage_builder.errors import StorageError
-from niximage_builder.gc import filesystem, gcs
 from niximage_builder.gc.marking import Marker
 from niximage_builder.gc.reading import READERS
-from niximage_builder.storage.base import Storage
-from niximage_builder.storage.filesystem import FilesystemStorage
+from niximage_builder.storage.base import Collectable, Storage
+
+
+def _collectable(storage: Storage, primitive: str) -> Collectable:
+    """``storage``, once it is known to implement ``primitive`` (a ``Collectable`` method)."""
+    if not hasattr(storage, primitive):  # cheaper than isinstance with a Protocol, per blob
+        raise StorageError(
+            f"gc cannot work on {storage!r}: it implements no {primitive} "
+            "(the primitives of storage.base.Collectable)"
+        )
+    return cast(Collectable, storage)
 
 
 def touch_blob(storage: Storage, digest: Digest) -> int | None:
     """Refresh the blob's mtime to now (atomic w.r.t. ``delete_blob_if_stale``); its size, or
     None when it does not exist."""
-    own = getattr(storage, "touch_blob", None)
-    if own is not None:  # a backend that implements the primitive itself
-        return own(digest)  # type: ignore[no-any-return]
-    if isinstance(storage, FilesystemStorage):
-        return filesystem.touch_blob(storage, digest)
-    if gcs.is_gcs(storage):
-        return gcs.touch_blob(storage, digest)
-    # Unknown backend: existence only; safety then rests on leases and verification.
-    return storage.blob_size(digest)
+    return _collectable(storage, "touch_blob").touch_blob(digest)
 
 
 def touch_all(storage: Storage, digests: Iterable[Digest]) -> list[Digest]:
@@ -68,40 +67,24 @@ def delete_blob_if_stale(storage: Storage, digest: Digest, cutoff: float) -> str
 
     ``"deleted"``, ``"fresh"`` (kept) or ``"missing"``.
     """
-    own = getattr(storage, "delete_blob_if_stale", None)
-    if own is not None:
-        return str(own(digest, cutoff))
-    if isinstance(storage, FilesystemStorage):
-        return filesystem.delete_blob_if_stale(storage, digest, cutoff)
-    if gcs.is_gcs(storage):
-        return gcs.delete_blob_if_stale(storage, digest, cutoff)
-    raise StorageError(f"gc does not know how to delete safely from {storage!r}")
+    return _collectable(storage, "delete_blob_if_stale").delete_blob_if_stale(digest, cutoff)
 
 
 def blob_mtime(storage: Storage, digest: Digest) -> float | None:
     """The blob's current modification time, or None when it does not exist."""
-    if isinstance(storage, FilesystemStorage):
-        return filesystem.blob_mtime(storage, digest)
-    if gcs.is_gcs(storage):
-        return gcs.blob_mtime(storage, digest)
-    for listed, _size, mtime in storage.list_blobs():
-        if listed == digest:
-            return mtime
-    return None
+    return _collectable(storage, "blob_mtime").blob_mtime(digest)
 
 
 def count_stale_uploads(storage: Storage, older_than: float) -> int:
     """Temporary uploads (crashed writers) older than ``older_than`` seconds, for dry runs."""
-    cutoff = time.time() - older_than
-    if isinstance(storage, FilesystemStorage):
-        with contextlib.suppress(FileNotFoundError):
-            return sum(1 for _name, mtime in filesystem.temp_files(storage) if mtime < cutoff)
-        return 0
-    if gcs.is_gcs(storage):
-        return sum(1 for _obj in gcs.stale_uploads(storage, cutoff))
-    return 0
+    return _collectable(storage, "count_stale_uploads").count_stale_uploads(older_than)
 
 
 def purge_stale_uploads(storage: Storage, older_than: float) -> int:
-    purge = getattr(storage, "purge_stale_uploads", None)
-    return int(purge(older_than)) if purge is not None else 0
+    """Delete the temporary uploads older than ``older_than`` seconds; how many went."""
+    return _collectable(storage, "purge_stale_uploads").purge_stale_uploads(older_than)
+
+
+def recover_trash(storage: Storage, cutoff: float) -> int:
+    """Settle the deletions a killed gc left half done; the blobs put back (fresh ones)."""
+    return _collectable(storage, "recover_trash").recover_trash(cutoff)

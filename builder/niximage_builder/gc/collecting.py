@@ -12,6 +12,7 @@ import time
 from collections.abc import Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 
+from niximage_builder.checkpoints import checkpoint
 from niximage_builder.digest import Digest
 from niximage_builder.errors import InvalidInput, StorageError
 from niximage_builder.gc.blobs import (
@@ -19,9 +20,8 @@ from niximage_builder.gc.blobs import (
     count_stale_uploads,
     delete_blob_if_stale,
     purge_stale_uploads,
+    recover_trash,
 )
-from niximage_builder.gc.filesystem import recover_trash
-from niximage_builder.gc.hooks import checkpoint
 from niximage_builder.gc.leases import LeaseRecord
 from niximage_builder.gc.marking import BlobInfo, Marker
 from niximage_builder.gc.reading import READERS, read_all

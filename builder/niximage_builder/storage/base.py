@@ -138,6 +138,46 @@ class SignedBlobs(Protocol):
     def signed_blob_url(self, digest: Digest, ttl_seconds: int) -> str | None: ...
 
 
+class Collectable(Protocol):
+    """Optional: the primitives garbage collection needs (the protocol of the gc package doc).
+
+    ``touch_blob`` and ``delete_blob_if_stale`` are atomic with respect to each other: a touch
+    that answers a size is never undone by a deletion whose check came before it (the touch
+    waits and answers None, or the deletion answers "fresh"), and a deletion never removes a
+    copy that a writer published after its check. Times are epoch seconds of the clock that
+    stamps the blobs (the kernel's, the GCS servers'). gc refuses a storage without these.
+    """
+
+    def touch_blob(self, digest: Digest) -> int | None:
+        """Set the blob's modification time to now; its size, or None when it does not exist."""
+        ...
+
+    def delete_blob_if_stale(self, digest: Digest, cutoff: float) -> str:
+        """Delete the blob unless it was modified (written, touched) at or after ``cutoff``:
+        ``"deleted"``, ``"fresh"`` (kept) or ``"missing"``."""
+        ...
+
+    def blob_mtime(self, digest: Digest) -> float | None:
+        """The blob's current modification time, or None when it does not exist."""
+        ...
+
+    def count_stale_uploads(self, older_than: float) -> int:
+        """Temporary uploads (crashed writers) older than ``older_than`` seconds."""
+        ...
+
+    def purge_stale_uploads(self, older_than: float) -> int:
+        """Delete those temporary uploads; how many went.
+
+        ``older_than`` must exceed the longest write: a live writer's upload goes too.
+        """
+        ...
+
+    def recover_trash(self, cutoff: float) -> int:
+        """Settle the deletions a killed gc left half done: a blob modified at or after
+        ``cutoff`` is put back, any other finally deleted. How many were put back."""
+        ...
+
+
 def iter_chunks(stream: BinaryIO, size: int = 1 << 20) -> Iterator[bytes]:
     while chunk := stream.read(size):
         yield chunk

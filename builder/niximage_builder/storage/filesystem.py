@@ -6,32 +6,44 @@
 
 Everything is written to a temporary file in ``tmp/`` (same filesystem, so ``rename`` is
 atomic), fsynced, then renamed into place and the directory fsynced: a reader sees either
-the old object or the complete new one, and a crash leaves at most a stray file in ``tmp/``.
-Nothing uses xattrs (tmpfs and some overlay setups have none).
+the old object or the complete new one, and a crash leaves at most a stray file in ``tmp/``
+(``filesystem_write``). Nothing uses xattrs (tmpfs and some overlay setups have none).
+
+The gc primitives (``base.Collectable``): ``touch_blob`` is ``utime`` under a shared
+``flock`` of the blob file, after checking that the path still names the locked file;
+``delete_blob_if_stale`` takes an exclusive ``flock``, checks, renames into ``tmp/gc-*``,
+checks that the renamed file is the one checked (else puts it back), and unlinks.
+``recover_trash`` finishes such a deletion, or undoes it, after a gc was killed in between.
+
+Imports digest, errors, the storage interface, ``filesystem_write`` and ``checkpoints`` (the
+test hook at the protocol's decision points).
 """
 
 from __future__ import annotations
 
 import contextlib
-import hashlib
+import fcntl
 import logging
 import os
 import re
-import tempfile
 import time
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import BinaryIO
 
+from niximage_builder.checkpoints import checkpoint
 from niximage_builder.digest import Digest
 from niximage_builder.errors import InvalidInput, NotFound, StorageError
 from niximage_builder.storage.base import check_key, check_prefix, is_key
+from niximage_builder.storage.filesystem_write import FileBlobWriter, TempFile, error
 
 log = logging.getLogger(__name__)
 
 _HEX = re.compile(r"[a-f0-9]{64}")
-# Readable by a registry that runs as another user; mkstemp would leave 0600.
-_FILE_MODE = 0o644
+
+TRASH_PREFIX = "gc-"
+"""A blob being deleted is renamed to ``tmp/gc-<hex>.<random>`` first."""
 
 
 class FilesystemStorage:
@@ -66,7 +78,7 @@ class FilesystemStorage:
         except FileNotFoundError:
             return None
         except OSError as exc:
-            raise _error("stat", self._blob_path(digest), exc) from exc
+            raise error("stat", self._blob_path(digest), exc) from exc
 
     def open_blob(self, digest: Digest) -> BinaryIO:
         # No verification here: the digest was checked when the blob was committed.
@@ -76,7 +88,7 @@ class FilesystemStorage:
         except FileNotFoundError as exc:
             raise NotFound(f"blob {digest} not found in {self.url}") from exc
         except OSError as exc:
-            raise _error("open", path, exc) from exc
+            raise error("open", path, exc) from exc
 
     def blob_file(self, digest: Digest) -> str | None:
         """The committed blob's path (for ``sendfile``), or None when it does not exist."""
@@ -84,8 +96,8 @@ class FilesystemStorage:
         return str(path) if path.is_file() else None
 
     @contextlib.contextmanager
-    def blob_writer(self) -> Iterator[_FileBlobWriter]:
-        writer = _FileBlobWriter(self._tmp, self._blobs)
+    def blob_writer(self) -> Iterator[FileBlobWriter]:
+        writer = FileBlobWriter(self._tmp, self._blobs)
         try:
             yield writer
         finally:
@@ -107,7 +119,7 @@ class FilesystemStorage:
         except FileNotFoundError:
             return
         except OSError as exc:
-            raise _error("list", self._blobs, exc) from exc
+            raise error("list", self._blobs, exc) from exc
         for name in names:
             if not _HEX.fullmatch(name):
                 continue  # not ours (an editor's backup, a stray file): not a blob
@@ -127,12 +139,12 @@ class FilesystemStorage:
             # A directory is a key prefix (tags/<repo>/), not a key.
             return None
         except OSError as exc:
-            raise _error("read", path, exc) from exc
+            raise error("read", path, exc) from exc
 
     def write(self, key: str, data: bytes) -> None:
         path = self.root / check_key(key)
         _make_parent(path, key)
-        tmp = _TempFile(self._tmp, "meta-")
+        tmp = TempFile(self._tmp, "meta-")
         try:
             tmp.write(data)
             tmp.publish(path)
@@ -152,7 +164,7 @@ class FilesystemStorage:
         def walk_error(exc: OSError) -> None:
             # Missing, or a key where the prefix wants a directory: simply no keys there.
             if not isinstance(exc, FileNotFoundError | NotADirectoryError):
-                raise _error("list", Path(exc.filename or top), exc) from exc
+                raise error("list", Path(exc.filename or top), exc) from exc
 
         for dirpath, dirnames, filenames in os.walk(self.root / top, onerror=walk_error):
             rel = Path(dirpath).relative_to(self.root).as_posix()
@@ -162,7 +174,121 @@ class FilesystemStorage:
         # Sorted and eager: errors surface at the call, and stray files are skipped.
         return iter(sorted(k for k in keys if is_key(k)))
 
-    # housekeeping
+    # garbage collection (base.Collectable; the gc package doc has the protocol)
+
+    def touch_blob(self, digest: Digest) -> int | None:
+        path = self._blob_path(digest)
+        # A few rounds: a writer may replace the file (same content) while we look at it.
+        for _ in range(3):
+            try:
+                fd = os.open(path, os.O_RDONLY)
+            except FileNotFoundError:
+                return None
+            except OSError as exc:
+                raise StorageError(f"cannot open {path}: {exc.strerror}") from exc
+            try:
+                fcntl.flock(fd, fcntl.LOCK_SH)
+                locked = os.fstat(fd)
+                try:
+                    current = os.stat(path)
+                except FileNotFoundError:
+                    return None  # gc deleted it between our open and our lock
+                if not _same_file(locked, current):
+                    continue  # replaced by a new copy: touch that one
+                try:
+                    os.utime(fd)
+                except PermissionError:
+                    log.debug("cannot refresh the mtime of %s (not ours)", path)
+                return locked.st_size
+            except OSError as exc:
+                raise StorageError(f"cannot touch {path}: {exc.strerror}") from exc
+            finally:
+                os.close(fd)
+        return self.blob_size(digest)
+
+    def delete_blob_if_stale(self, digest: Digest, cutoff: float) -> str:
+        path = self._blob_path(digest)
+        try:
+            fd = os.open(path, os.O_RDONLY)
+        except FileNotFoundError:
+            return "missing"
+        except OSError as exc:
+            raise StorageError(f"cannot open {path}: {exc.strerror}") from exc
+        try:
+            # Exclusive: no touch runs between our check and our rename.
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            locked = os.fstat(fd)
+            try:
+                current = os.stat(path)
+            except FileNotFoundError:
+                return "missing"
+            if not _same_file(locked, current):
+                return "fresh"  # a writer just published a new copy
+            if locked.st_mtime >= cutoff:
+                return "fresh"
+            checkpoint("gc.delete-checked", digest=digest)
+            trash = self._tmp / f"{TRASH_PREFIX}{digest.hex}.{uuid.uuid4().hex[:12]}"
+            os.rename(path, trash)
+            try:
+                moved = os.stat(trash)
+            except FileNotFoundError:
+                return "deleted"  # another gc's purge took the stale file already
+            if not _same_file(moved, locked):
+                # A writer replaced the blob between our check and the rename (os.replace does
+                # not take our lock): that copy is fresh, put it back.
+                _restore(trash, path)
+                return "fresh"
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(trash)
+            return "deleted"
+        except OSError as exc:
+            raise StorageError(f"cannot delete {path}: {exc.strerror}") from exc
+        finally:
+            os.close(fd)
+
+    def blob_mtime(self, digest: Digest) -> float | None:
+        try:
+            return self._blob_path(digest).stat().st_mtime
+        except FileNotFoundError:
+            return None
+        except OSError as exc:
+            raise StorageError(f"cannot stat blob {digest}: {exc.strerror}") from exc
+
+    def recover_trash(self, cutoff: float) -> int:
+        """Finish what a killed gc left in ``tmp/gc-*``; blobs put back, counted."""
+        restored = 0
+        for path, mtime in list(self._temp_files()):
+            if not path.name.startswith(TRASH_PREFIX):
+                continue
+            hex_ = path.name[len(TRASH_PREFIX) :].split(".", 1)[0]
+            restored += self._recover_one(path, Digest(hex_), mtime >= cutoff)
+        return restored
+
+    def _recover_one(self, trash: Path, digest: Digest, fresh: bool) -> int:
+        try:
+            fd = os.open(trash, os.O_RDONLY)
+        except FileNotFoundError:
+            return 0
+        try:
+            try:
+                # A running gc holds this lock while it decides: leave its file alone.
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                return 0
+            if fresh:  # only a fresh copy is ever moved aside by mistake
+                with contextlib.suppress(FileNotFoundError):
+                    _restore(trash, self._blob_path(digest))
+                    return 1
+                return 0
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(trash)
+            return 0
+        finally:
+            os.close(fd)
+
+    def count_stale_uploads(self, older_than: float) -> int:
+        cutoff = time.time() - older_than
+        return sum(1 for _path, mtime in self._temp_files() if mtime < cutoff)
 
     def purge_stale_uploads(self, older_than: float) -> int:
         """Delete temporary files (crashed writers) older than ``older_than`` seconds.
@@ -171,18 +297,23 @@ class FilesystemStorage:
         """
         cutoff = time.time() - older_than
         removed = 0
+        for path, mtime in self._temp_files():
+            if mtime < cutoff:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(path)
+                    removed += 1
+        return removed
+
+    def _temp_files(self) -> Iterator[tuple[Path, float]]:
+        """The files in ``tmp/`` and their mtimes; one that vanishes meanwhile is skipped."""
         try:
             entries = list(os.scandir(self._tmp))
         except FileNotFoundError:
-            return 0
+            return
         for entry in entries:
-            try:
-                if entry.is_file(follow_symlinks=False) and entry.stat().st_mtime < cutoff:
-                    os.unlink(entry.path)
-                    removed += 1
-            except FileNotFoundError:
-                continue
-        return removed
+            with contextlib.suppress(FileNotFoundError):
+                if entry.is_file(follow_symlinks=False):
+                    yield Path(entry.path), entry.stat().st_mtime
 
     def close(self) -> None:
         pass
@@ -191,110 +322,24 @@ class FilesystemStorage:
         return f"FilesystemStorage({self.url!r})"
 
 
-class _TempFile:
-    """A file in ``tmp/`` that is either published (renamed into place) or discarded."""
-
-    def __init__(self, tmp_dir: Path, prefix: str) -> None:
-        try:
-            fd, name = tempfile.mkstemp(prefix=prefix, dir=tmp_dir)
-        except OSError as exc:
-            raise _error("create a temporary file in", tmp_dir, exc) from exc
-        self.path = Path(name)
-        self._file = os.fdopen(fd, "wb")
-        self._open = True  # until published or discarded
-
-    def write(self, data: bytes) -> None:
-        try:
-            self._file.write(data)
-        except OSError as exc:
-            raise _error("write", self.path, exc) from exc
-
-    def publish(self, final: Path) -> None:
-        """Make the content durable, then atomically rename it to ``final`` (durably too)."""
-        try:
-            self._file.flush()
-            os.fchmod(self._file.fileno(), _FILE_MODE)
-            os.fsync(self._file.fileno())
-            self._file.close()
-            # Replacing an existing blob is fine: same content (and a fresh mtime for gc).
-            os.replace(self.path, final)
-        except OSError as exc:
-            raise _error("publish", final, exc) from exc
-        # From here the name in tmp/ may belong to another writer: never unlink it again.
-        self._open = False
-        try:
-            _fsync_dir(final.parent)
-        except OSError as exc:
-            raise _error("sync directory", final.parent, exc) from exc
-
-    def discard(self) -> None:
-        """Remove the file unless published; safe to call at any time, never raises."""
-        if not self._open:
-            return
-        self._open = False
-        # A full disk can fail the final flush; the file goes anyway.
-        with contextlib.suppress(OSError):
-            self._file.close()
-        try:
-            self.path.unlink(missing_ok=True)
-        except OSError as exc:  # left for purge_stale_uploads; never hide the caller's error
-            log.warning("cannot remove temporary file %s: %s", self.path, exc)
-
-
-class _FileBlobWriter:
-    """Streams into a temp file while hashing; ``commit`` verifies and renames into place."""
-
-    def __init__(self, tmp_dir: Path, blobs_dir: Path) -> None:
-        self._blobs = blobs_dir
-        self._tmp = _TempFile(tmp_dir, "blob-")
-        self._hash = hashlib.sha256()
-        self._size = 0
-        self._done = False
-
-    def write(self, data: bytes) -> None:
-        self._check_open()
-        self._tmp.write(data)
-        self._hash.update(data)
-        self._size += len(data)
-
-    def commit(self, expected: Digest) -> None:
-        self._check_open()
-        actual = Digest(self._hash.hexdigest())
-        if actual != expected:
-            self.discard()
-            raise StorageError(
-                f"digest mismatch: expected {expected}, the {self._size} bytes written hash to "
-                f"{actual}; blob not stored"
-            )
-        self._tmp.publish(self._blobs / expected.hex)
-        self._done = True
-
-    def discard(self) -> None:
-        self._done = True
-        self._tmp.discard()
-
-    def _check_open(self) -> None:
-        if self._done:
-            raise ValueError("blob writer is already committed or discarded")
-
-
 # helpers
+
+
+def _same_file(a: os.stat_result, b: os.stat_result) -> bool:
+    return (a.st_dev, a.st_ino) == (b.st_dev, b.st_ino)
+
+
+def _restore(trash: Path, path: Path) -> None:
+    # Published again meanwhile (FileExistsError): the same content is there already.
+    # Another gc restoring the same file (FileNotFoundError): it is back.
+    with contextlib.suppress(FileExistsError, FileNotFoundError):
+        os.link(trash, path)
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(trash)
 
 
 def _may_match(dir_prefix: str, prefix: str) -> bool:
     return dir_prefix.startswith(prefix) or prefix.startswith(dir_prefix)
-
-
-def _error(action: str, path: Path, exc: OSError) -> StorageError:
-    return StorageError(f"cannot {action} {path}: {exc.strerror or exc}")
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _make_parent(path: Path, key: str) -> None:
@@ -307,7 +352,7 @@ def _make_parent(path: Path, key: str) -> None:
             f"(the filesystem backend cannot hold both {key!r} and one of its parents)"
         ) from exc
     except OSError as exc:
-        raise _error("create directory", path.parent, exc) from exc
+        raise error("create directory", path.parent, exc) from exc
     if path.is_dir():
         raise InvalidInput(
             f"storage key {key!r} clashes with existing keys below it "
@@ -323,4 +368,4 @@ def _unlink(path: Path) -> None:
     except IsADirectoryError:
         pass  # a key prefix, not a key: nothing to delete
     except OSError as exc:
-        raise _error("delete", path, exc) from exc
+        raise error("delete", path, exc) from exc

@@ -4,52 +4,48 @@
     <prefix>layers|builds|tags|gc/…   metadata objects
     <prefix>uploads/<uuid>            large blobs being written; never listed or read
 
-How a blob becomes visible only complete and verified:
+Blobs are written by ``gcs_upload.GcsBlobWriter``: visible only complete and verified, under
+create-only requests. An existing final object (HTTP 412 on the create-only request) means
+another writer published the same content first: a success. Every call goes through one
+``Retry`` (backoff on 429/5xx and connection errors); library exceptions become
+``StorageError`` (``gcs_errors``).
 
-- Up to half a chunk stays in memory. If the writer commits before that (configs,
-  manifests, small layers), the bytes go in one upload straight to the final name with
-  ``if_generation_match=0``: a create-only request, complete or absent, safe to retry.
-- Beyond, the bytes stream to ``uploads/<uuid>`` with a resumable upload, one ``chunk_size``
-  request at a time (memory stays bounded: about two chunks, the library's buffer and the
-  request body). ``commit`` checks the sha256, finalises the upload (the library checks the
-  server's crc32c against the bytes sent), then a server-side rewrite creates the final
-  name, again create-only, and the temporary object is deleted.
-- A mismatch, an error or leaving the ``with`` block abandons the upload: nothing appears
-  at the final name. A crash may leave an object in ``uploads/`` (``purge_stale_uploads``,
-  or a bucket lifecycle rule on that prefix).
+The gc primitives (``base.Collectable``): ``touch_blob`` rewrites the object onto itself (a
+new generation, ``updated`` = now); ``delete_blob_if_stale`` reads generation and
+``updated``, then deletes with ``ifGenerationMatch``: a touch in between made a new
+generation, and the delete fails.
 
-An existing final object (HTTP 412 on the create-only request) means another writer
-published the same content first: a success. Every call goes through one ``Retry``
-(backoff on 429/5xx and connection errors); library exceptions become ``StorageError``.
+Imports digest, errors, the storage interface, ``gcs_errors``, ``gcs_signing``,
+``gcs_upload``, ``checkpoints`` (the test hook at the protocol's decision points) and the
+Google libraries.
 """
 
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import io
 import logging
 import os
 import re
 import time
-import uuid
 from collections.abc import Iterator
-from typing import Any, BinaryIO, NoReturn, cast
+from typing import Any, BinaryIO, cast
 
-import requests
 from google.api_core import exceptions as api_exceptions
 from google.api_core.retry import Retry
 from google.auth import exceptions as auth_exceptions
 from google.auth.credentials import AnonymousCredentials
 from google.cloud import storage
-from google.cloud.storage import exceptions as media_exceptions
-from google.cloud.storage.fileio import BlobReader, BlobWriter
+from google.cloud.storage.fileio import BlobReader
 from google.cloud.storage.retry import DEFAULT_RETRY
 
+from niximage_builder.checkpoints import checkpoint
 from niximage_builder.digest import Digest
 from niximage_builder.errors import InvalidInput, NotFound, StorageError
-from niximage_builder.storage.base import check_key, check_prefix, is_key
+from niximage_builder.storage.base import blob_key, check_key, check_prefix, is_key
+from niximage_builder.storage.gcs_errors import LIBRARY_ERRORS, fail, gs
 from niximage_builder.storage.gcs_signing import UrlSigner
+from niximage_builder.storage.gcs_upload import GcsBlobWriter
 
 log = logging.getLogger(__name__)
 
@@ -59,16 +55,8 @@ _CHUNK_MULTIPLE = 256 << 10  # resumable uploads require multiples of 256 KiB
 _MAX_SIGNED_TTL = 7 * 24 * 3600  # the V4 signing limit
 _HEX = re.compile(r"[a-f0-9]{64}")
 _PREFIX_PART = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]*")
-# Everything the client library raises for a failed request, after its own retries.
-_LIBRARY_ERRORS = (
-    api_exceptions.GoogleAPIError,  # HTTP errors and RetryError (retry deadline exceeded)
-    auth_exceptions.GoogleAuthError,  # missing or unusable credentials
-    media_exceptions.InvalidResponse,  # resumable upload / download protocol errors
-    media_exceptions.DataCorruption,  # checksum mismatch between client and server
-    requests.RequestException,
-    ConnectionError,
-)
 _EMULATOR_PROJECT = "niximage-emulator"
+_TOUCH_KEY = "niximage-touched"  # the metadata a touch sets (a rewrite must change something)
 
 
 def retry_within(seconds: float) -> Retry:
@@ -147,11 +135,11 @@ class GcsStorage:
             raise NotFound(f"blob {digest} not found in {self.url}")
         # The blob now carries its generation and size: reads are pinned to this object.
         reader = BlobReader(blob, chunk_size=self.chunk_size, retry=self.retry)
-        return cast(BinaryIO, _Reader(reader, _gs(blob)))
+        return cast(BinaryIO, _Reader(reader, gs(blob)))
 
     @contextlib.contextmanager
-    def blob_writer(self) -> Iterator[_GcsBlobWriter]:
-        writer = _GcsBlobWriter(self)
+    def blob_writer(self) -> Iterator[GcsBlobWriter]:
+        writer = GcsBlobWriter(self)
         try:
             yield writer
         finally:
@@ -179,7 +167,7 @@ class GcsStorage:
             raise InvalidInput(f"signed URL lifetime must be 1..{_MAX_SIGNED_TTL} s")
         try:
             return self._signer.sign(self._blob_for(digest), ttl_seconds)
-        except _LIBRARY_ERRORS as exc:
+        except LIBRARY_ERRORS as exc:
             raise StorageError(f"cannot sign a URL for {digest}: {exc}") from exc
 
     # metadata
@@ -190,8 +178,8 @@ class GcsStorage:
             return bytes(blob.download_as_bytes(retry=self.retry))
         except api_exceptions.NotFound:
             return None
-        except _LIBRARY_ERRORS as exc:
-            _fail(f"reading {self._where(key)}", exc)
+        except LIBRARY_ERRORS as exc:
+            fail(f"reading {self._where(key)}", exc)
 
     def write(self, key: str, data: bytes) -> None:
         blob = self._blob(check_key(key))
@@ -200,8 +188,8 @@ class GcsStorage:
             # unconditional write is safe here: every attempt carries the same bytes, and a
             # concurrent writer's value may win either way (last writer wins).
             blob.upload_from_string(data, content_type="application/octet-stream", retry=self.retry)
-        except _LIBRARY_ERRORS as exc:
-            _fail(f"writing {self._where(key)}", exc)
+        except LIBRARY_ERRORS as exc:
+            fail(f"writing {self._where(key)}", exc)
 
     def delete(self, key: str) -> None:
         self._delete(self._blob(check_key(key)))
@@ -215,21 +203,74 @@ class GcsStorage:
         # Eager, so errors surface at the call; skips objects that are not valid keys.
         return iter(sorted(n for n in names if is_key(n)))
 
-    # housekeeping
+    # garbage collection (base.Collectable; the gc package doc has the protocol)
+
+    def touch_blob(self, digest: Digest) -> int | None:
+        source = self._blob_for(digest)
+        target = self._blob_for(digest)
+        # A rewrite onto itself that changes metadata: allowed, atomic, a new generation.
+        target.metadata = {_TOUCH_KEY: f"{time.time():.3f}"}
+        target.content_type = "application/octet-stream"
+        token: str | None = None
+        try:
+            while True:
+                token, _done, size = target.rewrite(source, token=token, retry=self.retry)
+                if token is None:
+                    return int(target.size if target.size is not None else size)
+        except api_exceptions.NotFound:
+            return None
+        except LIBRARY_ERRORS as exc:
+            fail(f"touching {self._where(blob_key(digest))}", exc)
+
+    def delete_blob_if_stale(self, digest: Digest, cutoff: float) -> str:
+        name = self._blob_for(digest).name
+        blob = self._get(name)
+        if blob is None:
+            return "missing"
+        if blob.updated is None or blob.updated.timestamp() >= cutoff:
+            return "fresh"
+        checkpoint("gc.delete-checked", digest=digest)
+        try:
+            # Only this generation: a touch since our read made a new one, and this fails.
+            blob.delete(if_generation_match=blob.generation, retry=self.retry)
+        except api_exceptions.PreconditionFailed:
+            return "fresh"
+        except api_exceptions.NotFound:
+            return "missing"
+        except LIBRARY_ERRORS as exc:
+            fail(f"deleting {gs(blob)}", exc)
+        return "deleted"
+
+    def blob_mtime(self, digest: Digest) -> float | None:
+        blob = self._get(self._blob_for(digest).name)
+        if blob is None:
+            return None
+        return blob.updated.timestamp() if blob.updated else 0.0
+
+    def recover_trash(self, cutoff: float) -> int:
+        """Nothing to recover: a deletion is one request, never left half done."""
+        return 0
+
+    def count_stale_uploads(self, older_than: float) -> int:
+        return sum(1 for _blob in self._stale_uploads(older_than))
 
     def purge_stale_uploads(self, older_than: float) -> int:
         """Delete temporary upload objects (crashed writers) older than ``older_than`` s.
 
         ``older_than`` must exceed the longest upload: a live writer's object is deleted too.
         """
-        cutoff = time.time() - older_than
         removed = 0
+        for blob in self._stale_uploads(older_than):
+            self._delete(blob)
+            removed += 1
+        return removed
+
+    def _stale_uploads(self, older_than: float) -> Iterator[storage.Blob]:
+        cutoff = time.time() - older_than
         for blob in self._iter_objects(self._names + "uploads/", None):
             created = blob.time_created or blob.updated
             if created is not None and created.timestamp() < cutoff:
-                self._delete(blob)
-                removed += 1
-        return removed
+                yield blob
 
     def close(self) -> None:
         if self._own_client:
@@ -243,8 +284,8 @@ class GcsStorage:
     def _get(self, name: str) -> storage.Blob | None:
         try:
             return self._bucket.get_blob(name, retry=self.retry)
-        except _LIBRARY_ERRORS as exc:
-            _fail(f"looking up gs://{self._bucket.name}/{name}", exc)
+        except LIBRARY_ERRORS as exc:
+            fail(f"looking up gs://{self._bucket.name}/{name}", exc)
 
     def _create(self, blob: storage.Blob, data: bytes) -> None:
         """Create ``blob`` with ``data`` unless it exists (then it holds the same content)."""
@@ -259,8 +300,8 @@ class GcsStorage:
             )
         except api_exceptions.PreconditionFailed:
             pass
-        except _LIBRARY_ERRORS as exc:
-            _fail(f"uploading {_gs(blob)}", exc)
+        except LIBRARY_ERRORS as exc:
+            fail(f"uploading {gs(blob)}", exc)
 
     def _rewrite(self, source: storage.Blob, target: storage.Blob) -> None:
         """Server-side copy ``source`` to a new ``target``; an existing target is success."""
@@ -275,16 +316,16 @@ class GcsStorage:
                     return
         except api_exceptions.PreconditionFailed:
             return
-        except _LIBRARY_ERRORS as exc:
-            _fail(f"publishing {_gs(target)}", exc)
+        except LIBRARY_ERRORS as exc:
+            fail(f"publishing {gs(target)}", exc)
 
     def _delete(self, blob: storage.Blob) -> None:
         try:
             blob.delete(retry=self.retry)
         except api_exceptions.NotFound:
             pass  # absent is fine, also when a retried delete finds its own earlier success
-        except _LIBRARY_ERRORS as exc:
-            _fail(f"deleting {_gs(blob)}", exc)
+        except LIBRARY_ERRORS as exc:
+            fail(f"deleting {gs(blob)}", exc)
 
     def _iter_objects(self, prefix: str, fields: str | None) -> Iterator[storage.Blob]:
         """Objects under ``prefix`` in name order, page by page."""
@@ -292,140 +333,8 @@ class GcsStorage:
             yield from self._client.list_blobs(
                 self._bucket, prefix=prefix, fields=fields, retry=self.retry
             )
-        except _LIBRARY_ERRORS as exc:
-            _fail(f"listing gs://{self._bucket.name}/{prefix}", exc)
-
-
-class _GcsBlobWriter:
-    """Hashes while buffering half a chunk, then streams a resumable upload (module doc)."""
-
-    def __init__(self, storage_: GcsStorage) -> None:
-        self._storage = storage_
-        self._hash = hashlib.sha256()
-        self._size = 0
-        self._buffer = bytearray()  # bytes not handed to the upload yet (< half a chunk)
-        self._temp: storage.Blob | None = None  # the uploads/ object, once streaming
-        self._upload: Any = None  # the library's resumable BlobWriter, once streaming
-        self._finalised = False  # the temp object exists (upload completed)
-        self._state = "open"  # open → committed | abandoned | failed
-        self._cleaned = False  # abandon() ran its cleanup (it runs at most once)
-
-    def write(self, data: bytes) -> None:
-        self._check_open()
-        self._hash.update(data)
-        self._size += len(data)
-        if self._upload is not None:
-            self._send(data)
-            return
-        self._buffer += data
-        # Hand over at half a chunk, not a full one: the library copies what it gets and
-        # sends a chunk as soon as it holds one, and our copy would still be alive then.
-        if len(self._buffer) > self._storage.chunk_size // 2:
-            self._start_upload()
-            pending, self._buffer = self._buffer, bytearray()
-            self._send(pending)
-
-    def commit(self, expected: Digest) -> None:
-        self._check_open()
-        actual = Digest(self._hash.hexdigest())
-        if actual != expected:
-            self.abandon()
-            raise StorageError(
-                f"digest mismatch: expected {expected}, the {self._size} bytes written hash to "
-                f"{actual}; blob not stored"
-            )
-        final = self._storage._blob_for(expected)
-        if self._upload is None:
-            self._guard(self._storage._create, final, bytes(self._buffer))
-        else:
-            self._guard(self._finish_upload)
-            assert self._temp is not None
-            self._guard(self._storage._rewrite, self._temp, final)
-            self._drop_temp()
-        self._state = "committed"
-
-    def abandon(self) -> None:
-        """Drop everything not committed; safe to call at any time, never raises."""
-        if self._state == "open":
-            self._state = "abandoned"
-        if self._state == "committed" or self._cleaned:
-            return
-        self._cleaned = True
-        self._buffer = bytearray()
-        if self._upload is not None and not self._finalised:
-            # An unfinished resumable upload never becomes an object; cancelling is a
-            # courtesy (GCS forgets abandoned sessions after a week anyway).
-            with contextlib.suppress(*_LIBRARY_ERRORS, ValueError):
-                self._upload.terminate()
-        self._drop_temp()
-
-    # steps
-
-    def _start_upload(self) -> None:
-        name = f"uploads/{uuid.uuid4().hex}"
-        self._temp = self._storage._blob(name)
-        # No precondition on the temp name (unique); the library retries chunk uploads itself.
-        self._upload = _ResumableWriter(
-            self._temp,
-            chunk_size=self._storage.chunk_size,
-            content_type="application/octet-stream",
-            retry=self._storage.retry,
-        )
-
-    def _send(self, data: bytes) -> None:
-        try:
-            self._upload.write(data)
-        except _LIBRARY_ERRORS as exc:
-            self._state = "failed"
-            self.abandon()
-            _fail(f"uploading to {self._where_temp()} after {self._size} bytes", exc)
-
-    def _finish_upload(self) -> None:
-        try:
-            self._upload.close()
-        except _LIBRARY_ERRORS as exc:
-            _fail(f"finishing the upload to {self._where_temp()} ({self._size} bytes)", exc)
-        self._finalised = True
-
-    def _drop_temp(self) -> None:
-        if self._temp is None or not self._finalised:
-            return
-        temp, self._temp = self._temp, None
-        try:
-            self._storage._delete(temp)
-        except StorageError as exc:  # the blob itself is fine; purge_stale_uploads cleans up
-            log.warning("cannot delete temporary object: %s", exc)
-
-    def _guard(self, step: Any, *args: Any) -> None:
-        """Run a commit step; on failure leave nothing behind but the error."""
-        try:
-            step(*args)
-        except BaseException:
-            self._state = "failed"
-            self.abandon()
-            raise
-
-    def _where_temp(self) -> str:
-        return _gs(self._temp) if self._temp is not None else "a temporary object"
-
-    def _check_open(self) -> None:
-        if self._state == "failed":
-            raise StorageError("blob writer failed earlier; start a new one")
-        if self._state != "open":
-            raise ValueError(f"blob writer is already {self._state}")
-
-
-class _ResumableWriter(BlobWriter):
-    """The library's resumable-upload writer, except that garbage collection never finishes it.
-
-    ``io.IOBase.__del__`` calls ``close()``, and ``BlobWriter.close()`` sends the final chunk.
-    When ``terminate()`` cannot reach the server (the very case that makes us abandon an
-    upload), it leaves the writer open, and the finaliser would later complete the temporary
-    object with partial data, or raise in whatever thread collects it.
-    """
-
-    def __del__(self) -> None:
-        pass
+        except LIBRARY_ERRORS as exc:
+            fail(f"listing gs://{self._bucket.name}/{prefix}", exc)
 
 
 class _Reader(io.BufferedIOBase):
@@ -441,8 +350,8 @@ class _Reader(io.BufferedIOBase):
             return bytes(self._reader.read(-1 if size is None else size))
         except api_exceptions.NotFound as exc:
             raise NotFound(f"{self._where} disappeared while being read") from exc
-        except _LIBRARY_ERRORS as exc:
-            _fail(f"reading {self._where}", exc)
+        except LIBRARY_ERRORS as exc:
+            fail(f"reading {self._where}", exc)
 
     def read1(self, size: int = -1) -> bytes:
         return self.read(size)
@@ -455,8 +364,8 @@ class _Reader(io.BufferedIOBase):
     def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
         try:
             return int(self._reader.seek(offset, whence))
-        except _LIBRARY_ERRORS as exc:
-            _fail(f"seeking in {self._where}", exc)
+        except LIBRARY_ERRORS as exc:
+            fail(f"seeking in {self._where}", exc)
 
     def tell(self) -> int:
         return int(self._reader.tell())
@@ -473,21 +382,6 @@ class _Reader(io.BufferedIOBase):
 
 
 # helpers
-
-
-def _gs(blob: storage.Blob) -> str:
-    return f"gs://{blob.bucket.name}/{blob.name}"
-
-
-def _fail(action: str, exc: BaseException) -> NoReturn:
-    raise StorageError(f"GCS: {action} failed: {_describe(exc)}") from exc
-
-
-def _describe(exc: BaseException) -> str:
-    """The useful part of a library error (RetryError wraps the last real one)."""
-    if isinstance(exc, api_exceptions.RetryError) and exc.cause is not None:
-        return f"gave up retrying ({exc.message}): {exc.cause}"
-    return f"{type(exc).__name__}: {exc}"
 
 
 def _normalise_prefix(prefix: str) -> str:
