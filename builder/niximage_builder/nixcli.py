@@ -30,8 +30,9 @@ from niximage_builder.imagespec import ImageSpec
 from niximage_builder.sources import GitSource, NixpkgsSource, PathSource
 
 NIX_DIR = Path(__file__).resolve().parents[2] / "nix"
-NIXPKGS_ARCHIVE = "https://github.com/NixOS/nixpkgs/archive"
 """The repository's nix/ folder (prepare-image.nix, the offline package set)."""
+NIXPKGS_ARCHIVE = "https://github.com/NixOS/nixpkgs/archive"
+"""GitHub's tarballs of nixpkgs commits and branches (``$NIXIMAGE_NIXPKGS_ARCHIVE`` wins)."""
 
 _NOT_FOUND = re.compile(r"niximage-not-found:(\[[^\]]*\])")
 _NETWORK_FAILURE = re.compile(
