@@ -1,6 +1,7 @@
 """The whole path: ``kubectl apply`` → operator → builder pod → storage → ``niximage serve``
 → ``podman pull <registry>/<namespace>/<name>:<tag>`` (the pulled digest is the status's)
-→ ``podman run`` of a program from the image."""
+→ ``podman run`` of a program from the image; and the same through the kubelet's own
+puller: containerd's CRI image service pulls ``status.imageDigest``, ``ctr run`` runs it."""
 
 from __future__ import annotations
 
@@ -18,6 +19,8 @@ from apiserver import ApiServer
 from kubelet import Kubelet
 from operator_harness import NAMESPACE, apply, eventually, nix_image, ready
 
+from tests.registry.containerd_node import running_containerd
+from tests.registry.cri import Cri
 from testsupport import env, podman, podman_env, require
 
 pytestmark = [pytest.mark.asyncio, pytest.mark.nix, pytest.mark.clients]
@@ -65,3 +68,29 @@ async def test_the_tag_is_pullable_with_podman(
             podman, root, "run", "--rm", "--network=none", reference, "jq", "--version"
         )
         assert output.startswith("jq-")
+
+
+async def test_the_kubelet_path_pulls_the_status_digest_and_runs_it(
+    apiserver: ApiServer,
+    kubelet: Kubelet,
+    start_operator: Any,
+    registry: str,
+    tmp_path: Path,
+) -> None:
+    """What a pod spec pinned to ``status.imageDigest`` makes a node do."""
+    await start_operator()
+    await apply(apiserver, nix_image("tools", ["jq", "bash"], tag="2.0"))
+    obj = await eventually(lambda: ready(apiserver, "tools"), timeout=60)
+    pinned = obj["status"]["imageDigest"].replace("registry.test:5000", registry)
+    with running_containerd(tmp_path / "node") as node:
+        cri = Cri(node.socket)
+        try:
+            image_id = await asyncio.to_thread(cri.pull, pinned)
+            status = await asyncio.to_thread(cri.status, pinned)
+        finally:
+            cri.close()
+        assert status is not None and status.id == image_id
+        assert pinned in status.repo_digests
+        done = await asyncio.to_thread(node.run, pinned, "jq", "--version")
+        assert done.returncode == 0, done.stderr
+        assert done.stdout.startswith("jq-")

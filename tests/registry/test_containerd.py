@@ -12,11 +12,8 @@ kubelet sends it. research/containerd.md has what containerd asks of a registry.
 from __future__ import annotations
 
 import contextlib
-import os
 import shutil
 import socket
-import subprocess
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,14 +21,12 @@ from pathlib import Path
 import grpc
 import pytest
 
+from tests.registry.containerd_node import Containerd, running_containerd
 from tests.registry.cri import Cri
 from tests.registry.support import RegistryProcess
-from testsupport import niximage_json, require, require_root
+from testsupport import niximage_json, require
 
 pytestmark = [pytest.mark.clients, pytest.mark.nix, pytest.mark.root]
-
-RUN_DIR = Path("/run/containerd")
-"""containerd 1.6 puts shim sockets under /run/containerd/s whatever its state directory."""
 
 
 def node_address() -> str:
@@ -48,90 +43,10 @@ def node_address() -> str:
     return address
 
 
-@dataclass
-class Containerd:
-    work: Path
-    socket: str
-    certs: Path
-
-    def trust_plain_http(self, host: str) -> None:
-        """The node-side recipe of docs/kubelet-containerd.md for a plain-HTTP registry."""
-        directory = self.certs / host
-        directory.mkdir(parents=True, exist_ok=True)
-        (directory / "hosts.toml").write_text(
-            f'server = "http://{host}"\n'
-            'capabilities = ["push"]\n\n'
-            f'[host."http://{host}"]\n'
-            '  capabilities = ["pull", "resolve"]\n'
-        )
-
-    def ctr(self, *args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(
-            ["ctr", "-a", self.socket, "-n", "k8s.io", *args],
-            capture_output=True,
-            text=True,
-            timeout=timeout,
-        )
-
-    def run(self, reference: str, *command: str) -> subprocess.CompletedProcess[str]:
-        """``ctr run --rm``, with runc's state, FIFOs and cgroup kept apart from the host's."""
-        name = f"niximage-test-{os.getpid()}-{time.monotonic_ns()}"
-        return self.ctr(
-            "run", "--rm",
-            "--runc-root", str(self.work / "runc"),
-            "--fifo-dir", str(self.work / "fifo"),
-            "--cgroup", f"/{name}",
-            reference, name, *command,
-        )  # fmt: skip
-
-
 @pytest.fixture(scope="module")
 def containerd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Containerd]:
-    require_root()
-    require("containerd", "ctr", "runc")
-    work = tmp_path_factory.mktemp("containerd")
-    certs = work / "certs.d"
-    certs.mkdir()
-    sock = str(work / "containerd.sock")
-    config = work / "config.toml"
-    config.write_text(
-        "version = 2\n"
-        f'root = "{work / "root"}"\nstate = "{work / "state"}"\n'
-        f'[grpc]\n  address = "{sock}"\n'
-        f'[ttrpc]\n  address = "{sock}.ttrpc"\n'
-        f'[plugins."io.containerd.internal.v1.opt"]\n  path = "{work / "opt"}"\n'
-        '[plugins."io.containerd.grpc.v1.cri".containerd]\n  snapshotter = "overlayfs"\n'
-        f'[plugins."io.containerd.grpc.v1.cri".registry]\n  config_path = "{certs}"\n'
-    )
-    had_run_dir = RUN_DIR.exists()
-    with open(work / "containerd.log", "wb") as log:
-        # Its own session: a signal to the test's process group does not reach it.
-        process = subprocess.Popen(
-            ["containerd", "--config", str(config)],
-            stdout=log,
-            stderr=log,
-            start_new_session=True,
-        )
-    node = Containerd(work, sock, certs)
-    try:
-        deadline = time.monotonic() + 30
-        while node.ctr("version", timeout=10).returncode != 0:
-            if process.poll() is not None or time.monotonic() > deadline:
-                log_text = (work / "containerd.log").read_text()[-3000:]
-                pytest.fail(f"containerd did not start:\n{log_text}")
-            time.sleep(0.2)
+    with running_containerd(tmp_path_factory.mktemp("containerd")) as node:
         yield node
-    finally:
-        process.terminate()
-        try:
-            process.wait(15)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
-        if not had_run_dir:
-            for leftover in (RUN_DIR / "s", RUN_DIR):
-                with contextlib.suppress(OSError):
-                    leftover.rmdir()
 
 
 @dataclass(frozen=True)
