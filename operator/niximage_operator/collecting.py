@@ -1,10 +1,11 @@
 """Garbage collection on a schedule, inside the operator (``gc_interval``; off by default).
 
-Imports niximage_builder's gc and the storage interface. One task beside kopf: it sleeps
-until a run is due, runs ``gc.collect`` in a thread (it blocks on storage for minutes on a
-large bucket), logs the summary and records the run in storage (``gc/last-run``). The
-record keeps the schedule across restarts: an operator restarted more often than the
-interval still collects, and one restarted in a loop does not collect on every start.
+Imports niximage_builder's gc and the storage interface, and metrics. One task beside
+kopf: it sleeps until a run is due, runs ``gc.collect`` in a thread (it blocks on storage
+for minutes on a large bucket), logs the summary and records the run in storage
+(``gc/last-run``). The record keeps the schedule across restarts: an operator restarted
+more often than the interval still collects, and one restarted in a loop does not collect
+on every start.
 
 gc is safe beside running builds and the registry by its own protocol (leases, grace
 period; see niximage_builder.gc), so the operator needs no lock of its own around it.
@@ -24,6 +25,7 @@ from niximage_builder import gc
 from niximage_builder.errors import NixImageError
 from niximage_builder.storage.base import Storage
 from niximage_builder.units import format_duration
+from niximage_operator.metrics import Metrics
 
 log = logging.getLogger(__name__)
 
@@ -77,6 +79,7 @@ async def run_forever(
     storage: Storage,
     schedule: Schedule,
     clock: Callable[[], float] = time.time,
+    metrics: Metrics | None = None,
 ) -> None:
     """Collect whenever due, until cancelled. Failures are logged and retried, never
     raised: gc going wrong must not stop the operator. Cancelling leaves a run already in
@@ -94,6 +97,8 @@ async def run_forever(
                 await asyncio.sleep(delay)
             report = await asyncio.to_thread(collect_once, storage, schedule, clock)
         except Exception as exc:  # whatever went wrong, the operator goes on
+            if metrics is not None:
+                metrics.gc_runs.labels("failed").inc()
             wait = min(schedule.interval, RETRY_AFTER_FAILURE)
             if isinstance(exc, NixImageError):
                 log.warning("garbage collection failed, next try in %.0f s: %s", wait, exc)
@@ -101,6 +106,10 @@ async def run_forever(
                 log.exception("garbage collection failed, next try in %.0f s", wait)
             await asyncio.sleep(wait)
             continue
+        if metrics is not None:
+            metrics.gc_runs.labels("ok").inc()
+            metrics.gc_deleted_bytes.inc(report.bytes)
+            metrics.gc_last_success.set(clock())
         log.info("garbage collection: %s", report.render().replace("\n", "; "))
         for problem in report.dangling:
             log.warning("garbage collection: %s", problem)

@@ -62,6 +62,7 @@ _FLAGS: dict[str, tuple[str, dict[str, Any]]] = {
         "gc_grace",
         {"metavar": "DURATION", "help": "gc keeps unreferenced blobs younger than this (1h)"},
     ),
+    "--metrics-port": ("metrics_port", {"metavar": "PORT", "type": int}),
     "--liveness": ("liveness", {"metavar": "URL", "help": "e.g. http://0.0.0.0:8080/healthz"}),
 }
 

@@ -78,6 +78,8 @@ async def reconcile(
     for event in outcome.events:
         post = kopf.warn if event.warning else kopf.info
         post(body, reason=event.reason, message=event.message)
+        kind = "Warning" if event.warning else "Normal"
+        memo.context.metrics.condition_changes.labels(event.reason, kind).inc()
     if outcome.retry_after is not None:
         raise kopf.TemporaryError(outcome.retry_message, delay=outcome.retry_after)
 
@@ -99,13 +101,16 @@ async def builder_pod_changed(*, type: str, body: kopf.Body, memo: Any, **kwargs
     def images_of(namespace: str, key: str) -> Iterable[reconciling.ImageEntry]:
         return list(images.get((namespace, key), ()))
 
-    await reconciling.report_pod(
-        memo.context, body, type == "DELETED", images_of, _pods_of(kwargs["builder_pods"])
-    )
+    pods: kopf.Index[Any, Any] = kwargs["builder_pods"]
+    await reconciling.report_pod(memo.context, body, type == "DELETED", images_of, _pods_of(pods))
+    memo.context.metrics.builder_pods_running.set(_running(pods))
 
 
 @kopf.on.probe(id="buildSlots")
 def build_slots(**kwargs: Any) -> int:
     """Liveness report: builder pods running now."""
-    pods: kopf.Index[Any, Any] = kwargs["builder_pods"]
+    return _running(kwargs["builder_pods"])
+
+
+def _running(pods: kopf.Index[Any, Any]) -> int:
     return sum(1 for store in pods.values() for pod in store if pod.active)

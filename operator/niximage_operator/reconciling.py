@@ -24,6 +24,7 @@ from niximage_builder.storage import factory
 from niximage_builder.storage.base import Storage
 from niximage_operator import conditions, decisions, observations, podspec, specs
 from niximage_operator.kube import AlreadyExists, Kube, KubeError
+from niximage_operator.metrics import Metrics
 from niximage_operator.observations import BuildFailure, PodObservation
 from niximage_operator.settings import OperatorSettings
 
@@ -77,6 +78,7 @@ class Context:
     kube: Kube
     slots: Slots
     clock: Callable[[], datetime] = field(default=lambda: datetime.now(UTC))
+    metrics: Metrics = field(default_factory=Metrics)
 
     @classmethod
     def open(cls, settings: OperatorSettings) -> Context:
@@ -266,6 +268,7 @@ async def _start(
         try:
             pod = await ctx.kube.create_pod(manifest)
             slots.reserve(target.namespace, name, time.monotonic())
+            ctx.metrics.builder_pods_created.inc()
         except AlreadyExists:
             created = False
             found = await ctx.kube.add_pod_owner(target.namespace, name, body)

@@ -60,7 +60,12 @@ async def operate(
     collector: asyncio.Task[None] | None = None
     if config.gc_interval is not None:
         schedule = collecting.Schedule(config.gc_interval, config.gc_grace)
-        collector = asyncio.create_task(collecting.run_forever(context.storage, schedule))
+        collector = asyncio.create_task(
+            collecting.run_forever(context.storage, schedule, metrics=context.metrics)
+        )
+    metrics_server = None
+    if config.metrics_port is not None:
+        metrics_server = context.metrics.serve(config.metrics_port)
     try:
         await kopf.operator(
             registry=kopf.get_default_registry(),
@@ -74,6 +79,9 @@ async def operate(
             ready_flag=ready_flag,
         )
     finally:
+        if metrics_server is not None:
+            metrics_server.shutdown()
+            metrics_server.server_close()
         if collector is not None:
             collector.cancel()
             with contextlib.suppress(asyncio.CancelledError):

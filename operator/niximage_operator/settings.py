@@ -94,6 +94,8 @@ class OperatorSettings(BaseSettings):
 
     namespaces: Annotated[list[str], NoDecode] = Field(default_factory=list)
     """Namespaces to watch (comma-separated); empty means the whole cluster."""
+    metrics_port: int | None = Field(default=None, ge=1, le=65535)
+    """Port of the Prometheus metrics (``http://<pod>:<port>/metrics``); unset: none."""
     liveness: str | None = None
     """kopf's liveness endpoint, e.g. ``http://0.0.0.0:8080/healthz``."""
     watch_timeout: float = Field(default=300.0, gt=0)

@@ -193,6 +193,8 @@ def test_operator_environment_is_valid_operator_settings(
     objects = rendered[1]
     pod = deployment(objects)["spec"]["template"]["spec"]
     assert settings.builder_image == container(objects, "operator")["image"]
+    ports = {p["name"]: p["containerPort"] for p in container(objects, "operator")["ports"]}
+    assert settings.metrics_port == ports.get("metrics") == 9090
     assert settings.liveness is not None and settings.liveness.endswith(":8080/healthz")
     assert settings.namespaces == values.get("operator", {}).get("watchNamespaces", [])
     assert settings.nix_store_volume == (
@@ -452,6 +454,7 @@ BAD_VALUES = [
     ({"builder.resources.requests.memory": "lots"}, "at '/builder/resources/requests/memory'"),
     ({"replicaCount": "2"}, "'replicaCount'"),
     ({"gc.interval": "daily"}, "at '/gc/interval'"),
+    ({"operator.metricsPort": "70000"}, "at '/operator/metricsPort'"),
     ({"builder.extraVolumes[0].name": "storage"}, "at '/builder/extraVolumes/0"),
     ({"builder.extraVolumeMounts[0].name": "x"}, "at '/builder/extraVolumeMounts/0'"),
 ]

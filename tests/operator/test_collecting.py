@@ -17,6 +17,7 @@ from niximage_builder import build
 from niximage_builder.errors import StorageError
 from niximage_builder.storage.filesystem import FilesystemStorage
 from niximage_operator import collecting
+from niximage_operator.metrics import Metrics
 from tests.gc.conftest import backdate
 from tests.gc.support import Image, put_image
 
@@ -69,13 +70,20 @@ async def test_the_loop_collects_when_due_and_not_again_after_a_restart(
     storage: FilesystemStorage,
 ) -> None:
     kept, gone = two_images_one_untagged(storage)
-    loop = asyncio.create_task(collecting.run_forever(storage, SCHEDULE))
+    metrics = Metrics()
+    loop = asyncio.create_task(collecting.run_forever(storage, SCHEDULE, metrics=metrics))
     try:
         await eventually(lambda: storage.read(collecting.LAST_RUN_KEY), timeout=30)
     finally:
         loop.cancel()
     assert blobs(storage) == kept.digests
-    assert gone.digests - kept.digests and not (gone.digests - kept.digests) & blobs(storage)
+    only_gone = gone.digests - kept.digests
+    assert only_gone and not only_gone & blobs(storage)
+    sample = metrics.registry.get_sample_value
+    assert sample("niximage_operator_gc_runs_total", {"result": "ok"}) == 1
+    deleted = sum(gone.sizes[digest] for digest in only_gone)
+    assert sample("niximage_operator_gc_deleted_bytes_total") == deleted
+    assert (sample("niximage_operator_gc_last_success_timestamp_seconds") or 0) > 0
 
     # A restarted loop finds the record and waits a day: a new stale blob stays.
     stale = put_image(storage, ["stale"])
@@ -106,14 +114,19 @@ async def test_a_failing_storage_is_retried_and_never_stops_the_loop(
     storage = Unreachable(tmp_path / "storage")
     kept, _gone = two_images_one_untagged(storage)
     reader = FilesystemStorage(tmp_path / "storage")  # the test's own view, never failing
+    metrics = Metrics()
     with caplog.at_level(logging.WARNING, logger=collecting.__name__):
-        loop = asyncio.create_task(collecting.run_forever(storage, SCHEDULE))
+        loop = asyncio.create_task(collecting.run_forever(storage, SCHEDULE, metrics=metrics))
         try:
             await eventually(lambda: reader.read(collecting.LAST_RUN_KEY), timeout=30)
         finally:
             loop.cancel()
     failures = [r.getMessage() for r in caplog.records if "failed" in r.getMessage()]
     assert len(failures) == 2 and "connection refused" in failures[0]
+    failed = metrics.registry.get_sample_value(
+        "niximage_operator_gc_runs_total", {"result": "failed"}
+    )
+    assert failed == 2
     assert blobs(storage) == kept.digests
 
 

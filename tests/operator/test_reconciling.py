@@ -104,9 +104,12 @@ def ready_reason(outcome: reconciling.Reconciled) -> str:
 @pytest.mark.asyncio
 async def test_a_new_build_creates_its_pod(tmp_path: Path) -> None:
     fake = FakeKube()
-    outcome = await reconcile(context(FilesystemStorage(tmp_path), fake), body())
+    ctx = context(FilesystemStorage(tmp_path), fake)
+    outcome = await reconcile(ctx, body())
     assert fake.created == [podspec.pod_name(target().key, 1)]
     assert ready_reason(outcome) == "BuilderPending" and outcome.retry_after is None
+    created = ctx.metrics.registry.get_sample_value("niximage_operator_builder_pods_created_total")
+    assert created == 1
     assert "builderPod" not in outcome.status  # the pod handler reports the pod
     assert [e.reason for e in outcome.events] == ["BuilderPending"]
 

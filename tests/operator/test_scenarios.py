@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import socket
+import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -43,10 +45,30 @@ from testsupport import niximage_json
 pytestmark = [pytest.mark.asyncio, pytest.mark.nix]
 
 
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def metrics_of(port: int) -> dict[str, float]:
+    """``/metrics`` as ``{'name{labels}': value}`` (comments dropped)."""
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    with opener.open(f"http://127.0.0.1:{port}/metrics", timeout=10) as response:
+        text = response.read().decode()
+    samples = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            name, _, value = line.rpartition(" ")
+            samples[name] = float(value)
+    return samples
+
+
 async def test_apply_gives_ready_with_digest_tag_and_events(
     apiserver: ApiServer, kubelet: Kubelet, start_operator: Any, storage_dir: Path
 ) -> None:
-    await start_operator()
+    port = free_port()
+    await start_operator(metrics_port=port)
     await apply(apiserver, nix_image("jq", ["jq", "bash"], tag="1.0"))
     obj = await eventually(lambda: ready(apiserver, "jq"), timeout=60)
 
@@ -87,6 +109,13 @@ async def test_apply_gives_ready_with_digest_tag_and_events(
         ("watch", "", "pods"),
         ("create", "", "events"),
     } <= used
+    # The same story in the operator's metrics, as Prometheus scrapes them.
+    scraped = await asyncio.to_thread(metrics_of, port)
+    assert scraped["niximage_operator_builder_pods_created_total"] == 1
+    for reason in ("BuilderPending", "Building", "Succeeded"):
+        key = f'niximage_operator_condition_changes_total{{reason="{reason}",type="Normal"}}'
+        assert scraped[key] == 1, key
+    assert scraped["niximage_operator_builder_pods_running"] == 0
 
 
 async def test_a_build_already_in_storage_needs_no_pod(
