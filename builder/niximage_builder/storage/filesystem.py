@@ -180,50 +180,28 @@ class FilesystemStorage:
         path = self._blob_path(digest)
         # A few rounds: a writer may replace the file (same content) while we look at it.
         for _ in range(3):
-            try:
-                fd = os.open(path, os.O_RDONLY)
-            except FileNotFoundError:
-                return None
-            except OSError as exc:
-                raise StorageError(f"cannot open {path}: {exc.strerror}") from exc
-            try:
-                fcntl.flock(fd, fcntl.LOCK_SH)
-                locked = os.fstat(fd)
-                try:
-                    current = os.stat(path)
-                except FileNotFoundError:
-                    return None  # gc deleted it between our open and our lock
-                if not _same_file(locked, current):
+            with _locked_blob(path, fcntl.LOCK_SH, "touch") as held:
+                if held == "missing":
+                    return None  # never there, or gc deleted it before the lock was ours
+                if isinstance(held, str):
                     continue  # replaced by a new copy: touch that one
+                fd, locked = held
                 try:
                     os.utime(fd)
                 except PermissionError:
                     log.debug("cannot refresh the mtime of %s (not ours)", path)
                 return locked.st_size
-            except OSError as exc:
-                raise StorageError(f"cannot touch {path}: {exc.strerror}") from exc
-            finally:
-                os.close(fd)
         return self.blob_size(digest)
 
     def delete_blob_if_stale(self, digest: Digest, cutoff: float) -> str:
         path = self._blob_path(digest)
-        try:
-            fd = os.open(path, os.O_RDONLY)
-        except FileNotFoundError:
-            return "missing"
-        except OSError as exc:
-            raise StorageError(f"cannot open {path}: {exc.strerror}") from exc
-        try:
-            # Exclusive: no touch runs between our check and our rename.
-            fcntl.flock(fd, fcntl.LOCK_EX)
-            locked = os.fstat(fd)
-            try:
-                current = os.stat(path)
-            except FileNotFoundError:
+        # Exclusive: no touch runs between our check and our rename.
+        with _locked_blob(path, fcntl.LOCK_EX, "delete") as held:
+            if held == "missing":
                 return "missing"
-            if not _same_file(locked, current):
+            if isinstance(held, str):
                 return "fresh"  # a writer just published a new copy
+            _fd, locked = held
             if locked.st_mtime >= cutoff:
                 return "fresh"
             checkpoint("gc.delete-checked", digest=digest)
@@ -241,10 +219,6 @@ class FilesystemStorage:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(trash)
             return "deleted"
-        except OSError as exc:
-            raise StorageError(f"cannot delete {path}: {exc.strerror}") from exc
-        finally:
-            os.close(fd)
 
     def blob_mtime(self, digest: Digest) -> float | None:
         try:
@@ -323,6 +297,38 @@ class FilesystemStorage:
 
 
 # helpers
+
+
+@contextlib.contextmanager
+def _locked_blob(path: Path, lock: int, doing: str) -> Iterator[tuple[int, os.stat_result] | str]:
+    """The blob file open under ``flock(lock)``: ``(fd, its stat)``; or ``"missing"`` (no
+    such file, or it was deleted before the lock was ours), or ``"replaced"`` (a writer
+    published a new copy meanwhile: the locked file is an old one). An ``OSError``, here or
+    in the ``with`` block, becomes a ``StorageError`` saying what was being done."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except FileNotFoundError:
+        yield "missing"
+        return
+    except OSError as exc:
+        raise StorageError(f"cannot open {path}: {exc.strerror}") from exc
+    try:
+        fcntl.flock(fd, lock)
+        locked = os.fstat(fd)
+        try:
+            current = os.stat(path)
+        except FileNotFoundError:
+            current = None
+        if current is None:
+            yield "missing"
+        elif not _same_file(locked, current):
+            yield "replaced"
+        else:
+            yield fd, locked
+    except OSError as exc:
+        raise StorageError(f"cannot {doing} {path}: {exc.strerror}") from exc
+    finally:
+        os.close(fd)
 
 
 def _same_file(a: os.stat_result, b: os.stat_result) -> bool:
