@@ -14,16 +14,16 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 import urllib.request
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "builder"))
+sys.path[:0] = [str(ROOT / "builder"), str(ROOT / "tests")]
 
 from niximage_builder import build, imagespec, manifest, sources  # noqa: E402
 from niximage_builder.digest import Digest  # noqa: E402
 from niximage_builder.storage.filesystem import FilesystemStorage  # noqa: E402
+from testsupport import wait_http  # noqa: E402
 
 _OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 SOURCE = sources.parse_source("path:/benchmark#sha256-" + "C" * 43 + "=")
@@ -62,18 +62,6 @@ def write_image(root: Path, blob_mb: int) -> tuple[Digest, Digest]:
     store.put_blob(image.data)
     store.write(build.tag_path("bench/image", "latest"), str(image.digest).encode())
     return image.digest, big
-
-
-def wait_http(url: str, timeout: float = 60) -> None:
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            with _OPENER.open(url, timeout=2):
-                return
-        except OSError:
-            if time.monotonic() > deadline:
-                raise
-            time.sleep(0.05)
 
 
 class Server:

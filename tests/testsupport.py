@@ -7,6 +7,9 @@ import os
 import shutil
 import subprocess
 import sys
+import time
+import urllib.error
+import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +17,25 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 TESTPKGS = ROOT / "nix" / "testpkgs"
+
+
+LOCAL = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+"""An opener for local servers: no HTTP proxy from the environment in between."""
+
+
+def wait_http(url: str, timeout: float = 60) -> None:
+    """Return once ``url`` answers (any HTTP status); raise the last error after ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            with LOCAL.open(url, timeout=2):
+                return
+        except urllib.error.HTTPError:
+            return  # an answer, if not a 2xx
+        except OSError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.05)
 
 
 def env() -> dict[str, str]:

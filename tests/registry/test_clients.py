@@ -15,7 +15,6 @@ import json
 import shutil
 import socket
 import subprocess
-import time
 import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -26,7 +25,7 @@ import pytest
 import testsupport
 from niximage_builder.digest import Digest
 from tests.registry.support import RegistryProcess
-from testsupport import niximage_json, podman, require, require_root
+from testsupport import niximage_json, podman, require, require_root, wait_http
 
 pytestmark = [pytest.mark.clients, pytest.mark.nix]
 
@@ -104,7 +103,7 @@ def reference(ours: str, built: Built, tmp_path_factory: pytest.TempPathFactory)
             ["docker-registry", "serve", str(config)], stdout=log, stderr=log
         )
     try:
-        _wait_for(f"http://{address}/v2/")
+        wait_http(f"http://{address}/v2/", timeout=20)
         for tag in ("latest", "docker"):
             skopeo(
                 "copy",
@@ -118,18 +117,6 @@ def reference(ours: str, built: Built, tmp_path_factory: pytest.TempPathFactory)
     finally:
         process.terminate()
         process.wait(10)
-
-
-def _wait_for(url: str, timeout: float = 20) -> None:
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            with _OPENER.open(url, timeout=2):
-                return
-        except OSError:
-            if time.monotonic() > deadline:
-                raise
-            time.sleep(0.05)
 
 
 def skopeo(*args: str) -> str:
