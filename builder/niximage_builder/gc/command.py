@@ -13,7 +13,7 @@ import os
 import sys
 from collections.abc import Sequence
 
-from niximage_builder.errors import InvalidInput, NixImageError
+from niximage_builder.errors import InvalidInput
 from niximage_builder.gc.collecting import DEFAULT_GRACE, collect
 from niximage_builder.units import parse_duration
 
@@ -63,14 +63,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m niximage_builder.gc`` (the same as ``niximage gc``)."""
-    parser = argparse.ArgumentParser(
-        prog="niximage gc", description="delete unreferenced blobs and cache entries"
-    )
-    add_arguments(parser)
-    args = parser.parse_args(argv)
-    try:
-        return run(args)
-    except NixImageError as exc:
-        print(f"niximage gc: {exc}", file=sys.stderr)
-        return 2 if isinstance(exc, InvalidInput) else 1
+    """``python -m niximage_builder.gc``: ``niximage gc``, through the command line itself."""
+    from niximage_builder import cli  # the command line imports gc: only when run
+
+    return cli.main(["gc", *(sys.argv[1:] if argv is None else argv)])
