@@ -13,6 +13,8 @@ debian_packages=(
   skopeo umoci podman runc containerd docker-registry wrk
   # tools the tests use
   procps git
+  # the real-cluster tests: etcd beside the kube-apiserver of ../shared/kube
+  etcd-server
   # the operator image build (python3 -m pytest -m image; scripts/build-image.sh)
   debootstrap
 )

@@ -14,8 +14,11 @@ registry when imported (running.py imports it). Every handler finds its settings
 - Transient trouble (a retry after backoff, a wait for a build slot, storage) raises
   ``kopf.TemporaryError`` with a delay; permanent failures are reported and not raised,
   so nothing retries until the spec changes.
-- The only finalizer is for ``forget``: tag mappings in storage outlive no NixImage.
-  Builder pods go with their owners through the garbage collector.
+- No finalizer: deleting a NixImage, its namespace, or uninstalling the operator first
+  never waits for the operator. ``forget`` removes the tags of a NixImage the watch shows
+  deleted; the sweep (ownership.py) removes those of NixImages deleted while no operator
+  watched. kopf removes the finalizer of earlier versions by itself. Builder pods go with
+  their owners through the garbage collector.
 """
 
 from __future__ import annotations
@@ -84,14 +87,16 @@ async def reconcile(
         raise kopf.TemporaryError(outcome.retry_message, delay=outcome.retry_after)
 
 
-@kopf.on.delete(*NIXIMAGES)
-async def forget(*, body: kopf.Body, memo: Any, retry: int, **_: Any) -> None:
+def _deleted(*, type: str, **_: Any) -> bool:
+    return type == "DELETED"
+
+
+@kopf.on.event(*NIXIMAGES, when=_deleted)
+async def forget(*, body: kopf.Body, memo: Any, logger: Any, **_: Any) -> None:
     try:
         await reconciling.forget(memo.context, body)
-    except NixImageError as exc:
-        delay = memo.context.settings.storage_backoff(retry)
-        message = f"cannot remove the tag from storage: {exc}"
-        raise kopf.TemporaryError(message, delay=delay) from exc
+    except NixImageError as exc:  # the next sweep removes it
+        logger.warning(f"cannot remove the tag from storage yet: {exc}")
 
 
 @kopf.on.event(*PODS, labels=podspec.POD_LABELS)

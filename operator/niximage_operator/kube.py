@@ -159,6 +159,28 @@ class Kube:
                     raise
         return False
 
+    def image_uids_blocking(self, namespaces: list[str]) -> set[str]:
+        """The uids of every NixImage (in ``namespaces``; empty: the whole cluster), read
+        with paginated LIST requests."""
+        paths = (
+            [f"namespaces/{namespace}/{podspec.PLURAL}" for namespace in namespaces]
+            if namespaces
+            else [podspec.PLURAL]
+        )
+        uids: set[str] = set()
+        for path in paths:
+            token = ""
+            while True:
+                params = {"limit": "500", **({"continue": token} if token else {})}
+                page = self._call_blocking(
+                    "get", version=podspec.API_VERSION, url=path, params=params
+                )
+                uids.update(item["metadata"]["uid"] for item in page.get("items", ()))
+                token = (page.get("metadata") or {}).get("continue") or ""
+                if not token:
+                    break
+        return uids
+
     async def _patch_pod(
         self, namespace: str, name: str, operations: list[dict[str, Any]]
     ) -> dict[str, Any]:

@@ -22,7 +22,7 @@ from niximage_builder.errors import InvalidInput, NixImageError
 from niximage_builder.result import BuildResult
 from niximage_builder.storage import factory
 from niximage_builder.storage.base import Storage
-from niximage_operator import conditions, decisions, observations, podspec, specs
+from niximage_operator import conditions, decisions, observations, ownership, podspec, specs
 from niximage_operator.kube import AlreadyExists, Kube, KubeError
 from niximage_operator.metrics import Metrics
 from niximage_operator.observations import BuildFailure, PodObservation
@@ -309,11 +309,11 @@ def _record_tag(
     storage: Storage, target: specs.Target, result: BuildResult, old: Mapping[str, Any]
 ) -> None:
     """Point ``tags/<namespace>/<name>/<tag>`` at the image; drop a tag the spec left."""
-    if build.read_tag(storage, target.repository, target.tag) != _digest(result):
-        build.record_tag(storage, target.repository, target.tag, result)
+    owner = ownership.Owner(target.namespace, target.name, target.uid, target.tag)
+    ownership.record(storage, owner, result)
     previous = previous_tag(old)
     if previous is not None and previous != target.tag:
-        storage.delete(build.tag_path(target.repository, previous))
+        ownership.release(storage, dataclasses.replace(owner, tag=previous))
 
 
 def _digest(result: BuildResult) -> Digest | None:
@@ -415,17 +415,24 @@ async def report_pod(
 
 
 async def forget(ctx: Context, body: Mapping[str, Any]) -> None:
-    """Remove the tag mappings of a deleted NixImage (storage errors propagate)."""
+    """Remove the tags of a deleted NixImage (storage errors propagate)."""
     metadata = body.get("metadata") or {}
-    repository = f"{metadata.get('namespace')}/{metadata.get('name')}"
     tags = {(body.get("spec") or {}).get("tag"), previous_tag(body.get("status") or {})}
+    await asyncio.to_thread(
+        ownership.forget,
+        ctx.storage,
+        str(metadata.get("namespace")),
+        str(metadata.get("name")),
+        str(metadata.get("uid")),
+        [str(tag) for tag in tags if tag],
+    )
 
-    def delete() -> None:
-        for tag in tags:
-            try:
-                path = build.tag_path(repository, str(tag))
-            except InvalidInput:
-                continue
-            ctx.storage.delete(path)
 
-    await asyncio.to_thread(delete)
+async def sweep(ctx: Context) -> list[ownership.Owner]:
+    """Remove the tags of NixImages deleted while no operator watched."""
+    namespaces = ctx.settings.namespaces
+
+    def live_uids() -> set[str]:
+        return ctx.kube.image_uids_blocking(namespaces)
+
+    return await asyncio.to_thread(ownership.sweep, ctx.storage, live_uids)

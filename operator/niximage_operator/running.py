@@ -15,10 +15,13 @@ import socket
 
 import kopf
 
+from niximage_builder.errors import NixImageError
 from niximage_operator import collecting, handlers, podspec, reconciling
+from niximage_operator.kube import KubeError
 from niximage_operator.settings import OperatorSettings
 
 COMPONENT = "niximage-operator"
+logger = logging.getLogger(__name__)
 
 
 def kopf_settings(config: OperatorSettings) -> kopf.OperatorSettings:
@@ -34,8 +37,9 @@ def kopf_settings(config: OperatorSettings) -> kopf.OperatorSettings:
     # Only builder pods: the API server filters, so the operator never holds every pod
     # of the cluster in memory.
     settings.watching.label_selectors[handlers.PODS] = podspec.POD_SELECTOR
-    # A watch request ends after this long and kopf resumes it from the last version.
-    settings.watching.server_timeout = config.watch_timeout
+    # A watch request ends after this long and kopf resumes it from the last version. It
+    # travels as ?timeoutSeconds=N, which the API server parses as an integer.
+    settings.watching.server_timeout = int(config.watch_timeout)
     settings.watching.client_timeout = config.watch_timeout + 60
     # Events come only from kopf.info/warn calls (one per condition change), never from
     # log lines; they carry the operator's name.
@@ -57,6 +61,7 @@ async def operate(
     """Run until stopped (``stop_flag`` or cancellation); with ``gc_interval``, garbage
     collection runs beside kopf in the same event loop."""
     context = context or reconciling.Context.open(config)
+    sweeper = asyncio.create_task(_sweep_forever(context, config.sweep_interval))
     collector: asyncio.Task[None] | None = None
     if config.gc_interval is not None:
         schedule = collecting.Schedule(config.gc_interval, config.gc_grace)
@@ -82,11 +87,23 @@ async def operate(
         if metrics_server is not None:
             metrics_server.shutdown()
             metrics_server.server_close()
-        if collector is not None:
-            collector.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await collector
+        for task in (sweeper, collector):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
         context.close()
+
+
+async def _sweep_forever(context: reconciling.Context, interval: float) -> None:
+    """The tags of NixImages deleted while no operator watched: at start, then every
+    ``interval``. A failure (storage or API away) is logged and tried again next time."""
+    while True:
+        try:
+            await reconciling.sweep(context)
+        except (NixImageError, KubeError) as exc:
+            logger.warning("sweep for tags of deleted NixImages failed: %s", exc)
+        await asyncio.sleep(interval)
 
 
 def run(config: OperatorSettings) -> None:

@@ -98,8 +98,12 @@ class OperatorSettings(BaseSettings):
     """Port of the Prometheus metrics (``http://<pod>:<port>/metrics``); unset: none."""
     liveness: str | None = None
     """kopf's liveness endpoint, e.g. ``http://0.0.0.0:8080/healthz``."""
-    watch_timeout: float = Field(default=300.0, gt=0)
-    """Server-side timeout of one watch request; kopf reconnects from the last version."""
+    watch_timeout: int = Field(default=300, gt=0)
+    """Server-side timeout of one watch request, whole seconds (the API server refuses
+    ``timeoutSeconds=300.0``); kopf reconnects from the last version."""
+    sweep_interval: float = Field(default=600.0, gt=0)
+    """Seconds between sweeps for tags of NixImages deleted while no operator watched (the
+    first runs at start)."""
 
     @field_validator(
         "package_sources", "builder_command", "builder_image_pull_secrets", "namespaces",

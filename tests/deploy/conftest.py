@@ -18,7 +18,7 @@ HERE = Path(__file__).resolve().parent
 if str(HERE) not in sys.path:
     sys.path.insert(0, str(HERE))
 
-import helmtool  # noqa: E402
+from kubesupport import helmtool  # noqa: E402
 
 
 def pytest_configure(config: pytest.Config) -> None:

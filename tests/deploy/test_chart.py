@@ -21,8 +21,8 @@ import jsonschema
 import kubernetes_validate
 import pytest
 import yaml
-from helmtool import CHART, CI_VALUES, ROOT, helm, notes, render, template_args
 
+from kubesupport.helmtool import CHART, CI_VALUES, ROOT, helm, notes, render, template_args
 from niximage_builder import cli
 from niximage_operator import podspec, specs
 from niximage_operator.settings import ENV_PREFIX, OperatorSettings

@@ -26,8 +26,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from helmtool import ROOT, render
 
+from kubesupport.helmtool import ROOT, render
 from niximage_builder import __version__, build, cli
 from niximage_builder.storage import factory
 from niximage_operator import podspec, specs

@@ -10,7 +10,7 @@ Two checks:
    operator's two clients (kopf's and kube.py's, told apart by User-Agent) that the
    chart's rules do not allow is answered 403, as a real API server would. A scenario that
    walks every code path that talks to the API (create, a shared build, a spec change, a
-   deletion with its finalizer) must end Ready with no request refused, and must use every
+   deletion) must end Ready with no request refused, and must use every
    rule the chart grants: so nothing is missing and nothing is granted in vain.
 
 ``NEEDED`` is what the emulator recorded over the whole operator test suite (and what
@@ -30,8 +30,8 @@ import attrs
 import pytest
 import pytest_asyncio
 import yaml
-from helmtool import CHART, ROOT, render
 
+from kubesupport.helmtool import CHART, ROOT, render
 from niximage_operator import running
 from niximage_operator.settings import ENV_PREFIX
 
@@ -42,7 +42,6 @@ if str(OPERATOR_TESTS) not in sys.path:
 
 import kmock  # noqa: E402
 from apiserver import ApiError, ApiServer  # noqa: E402
-from kubelet import Gate, Kubelet, ProcessRuntime  # noqa: E402
 from operator_harness import (  # noqa: E402
     CRD_PATH,
     TESTPKGS,
@@ -58,6 +57,8 @@ from operator_harness import (  # noqa: E402
     ready,
 )
 
+from kubesupport.kubelet import Gate, Kubelet, ProcessRuntime  # noqa: E402
+
 pytestmark = [pytest.mark.helm, pytest.mark.usefixtures("helm_binary")]
 
 Access = tuple[str, str, str]
@@ -65,7 +66,7 @@ Access = tuple[str, str, str]
 
 NEEDED: frozenset[Access] = frozenset(
     {
-        # kopf lists and watches NixImages and patches its annotations and finalizer onto
+        # kopf lists and watches NixImages and patches its annotations onto
         # them; kube.py reads one before recording a builder pod in its status.
         ("get", "niximage.dev", "niximages"),
         ("list", "niximage.dev", "niximages"),
@@ -306,7 +307,7 @@ async def test_the_operator_works_within_the_charts_rbac_and_uses_all_of_it(
         gate.open()
         await eventually(lambda: ready(server, "first", namespace), timeout=120)
         await eventually(lambda: ready(server, "second", namespace), timeout=60)
-        # A spec change builds anew; a deletion runs the finalizer's handler.
+        # A spec change builds anew; a deletion removes the tag.
         await change_spec(server, "first", {"packages": ["jq"]}, namespace)
         await eventually(lambda: generation_ready(server, "first", namespace, 2), timeout=120)
         await delete(server, "second", namespace)

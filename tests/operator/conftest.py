@@ -27,7 +27,6 @@ if str(HERE) not in sys.path:
 
 import kmock  # noqa: E402
 from apiserver import ApiServer, schema_problems  # noqa: E402
-from kubelet import Gate, Kubelet, ProcessRuntime  # noqa: E402
 from operator_harness import (  # noqa: E402
     CRD_PATH,
     NAMESPACE,
@@ -37,6 +36,7 @@ from operator_harness import (  # noqa: E402
     operator_settings,
 )
 
+from kubesupport.kubelet import Gate, Kubelet, ProcessRuntime  # noqa: E402
 from niximage_operator import running  # noqa: E402
 
 

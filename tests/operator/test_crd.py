@@ -91,10 +91,31 @@ def test_the_schema_is_structural(crd_schema: dict[str, Any]) -> None:
 
 
 def test_every_junctor_field_is_declared_outside(crd_schema: dict[str, Any]) -> None:
-    source = crd_schema["properties"]["spec"]["properties"]["packageSource"]
-    for branch in source["oneOf"]:
-        assert set(branch.get("properties", {})) <= set(source["properties"])
-        assert set(branch.get("required", [])) <= set(source["properties"])
+    for path, node, _ in nodes(crd_schema):
+        for key in JUNCTORS:
+            branches = node.get(key)
+            for branch in branches if isinstance(branches, list) else [branches] * bool(branches):
+                assert set(branch.get("properties", {})) <= set(node["properties"]), path
+                assert set(branch.get("required", [])) <= set(node["properties"]), path
+
+
+def test_cel_rules_read_declared_fields_of_bounded_length(crd_schema: dict[str, Any]) -> None:
+    """A rule on an undeclared field never compiles on the API server, and one that reads
+    strings of unbounded length may be refused as too costly: a string a rule reads (more
+    than has() it) has a maxLength or an enum (its estimated size, not the request's)."""
+    field = r"\bself\.(\w+)\b(?!\()"  # self.tag, not self.contains(…)
+    checked = 0
+    for path, node, _ in nodes(crd_schema):
+        for rule in node.get("x-kubernetes-validations") or ():
+            named = re.findall(field, rule["rule"])
+            assert set(named) <= set(node.get("properties") or ()), f"{path}: {rule['rule']}"
+            read = [node["properties"][n] for n in re.findall(r"(?<!has\()" + field, rule["rule"])]
+            read += [node] if node["type"] == "string" else []
+            strings = [n for n in read if n["type"] == "string"]
+            assert all("maxLength" in n or "enum" in n for n in strings), path
+            assert rule.get("message"), f"{path}: {rule['rule']} says nothing"
+            checked += 1
+    assert checked > 10
 
 
 def admit(schema: dict[str, Any], obj: dict[str, Any]) -> list[str]:
@@ -124,6 +145,13 @@ VALID = [
     {"packages": ["jq"], "packageSource": {"type": "nixpkgs", "channel": "nixos-24.05"}},
     {"packages": ["jq"], "packageSource": {**GIT, "rev": COMMIT}},
     {"packages": ["jq"], "packageSource": {"type": "path", "path": "/opt/pkgs"}},
+    {
+        "packages": ["jq"],
+        "packageSource": {"type": "path", "path": "/opt/pkgs", "narHash": NAR_HASH},
+    },
+    {"packages": ["jq"], "packageSource": {"type": "nixpkgs", "channel": COMMIT}},
+    {"packages": ["jq"], "packageSource": {**GIT, "ref": "release/v1.2"}},
+    {"packages": ["jq"], "packageSource": GIT},
 ]
 INVALID = [
     {"packages": []},
@@ -141,6 +169,11 @@ INVALID = [
     {"packages": ["jq"], "packageSource": {"type": "git", "url": "ftp://e.org/p.git"}},
     {"packages": ["jq"], "packageSource": {"type": "nixpkgs"}},
     {"packages": ["jq"], "packageSource": {"type": "path", "path": "relative"}},
+    {"packages": ["jq"], "packageSource": {"type": "svn", "url": "https://e.org/p"}},
+    {"packages": ["jq"], "packageSource": {"type": "path", "path": "/opt/pkgs", "narHash": "x"}},
+    {"packages": ["jq"], "packageSource": {**GIT, "rev": "main"}},
+    {"packages": ["jq"], "packageSource": {**GIT, "ref": "-main"}},
+    {"packages": ["jq"], "packageSource": {"type": "nixpkgs", "channel": "a" * 201}},
 ]
 
 
@@ -162,6 +195,57 @@ def test_invalid_specs_fail_the_crd_and_the_operator(
 ) -> None:
     obj = nix_image(**spec)
     assert admit(crd_schema, obj) != []
+    with pytest.raises(InvalidInput):
+        specs.resolve(obj, OFFERED)
+
+
+SOURCE_MISTAKES = [
+    # what a user gets wrong, and what the API server answers
+    ({**GIT, "rev": COMMIT, "ref": "main"}, ["a git source names either rev or ref, not both"]),
+    ({"type": "path"}, ["type path needs path (a directory the operator offers)"]),
+    (
+        {"type": "path", "narHash": NAR_HASH},
+        ["type path needs path (a directory the operator offers)"],
+    ),
+    ({"type": "nixpkgs"}, ["type nixpkgs needs channel (a channel or branch name, or a commit)"]),
+    ({"type": "git"}, ["type git needs url (the repository)"]),
+    ({"type": "git", "rev": COMMIT}, ["type git needs url (the repository)"]),
+    (
+        {"type": "nixpkgs", "url": GIT["url"]},
+        [
+            "type nixpkgs needs channel (a channel or branch name, or a commit)",
+            "url belongs to type git only",
+        ],
+    ),
+    ({**GIT, "channel": "nixos-24.05"}, ["channel belongs to type nixpkgs only"]),
+    ({**GIT, "path": "/opt/pkgs"}, ["path belongs to type path only"]),
+    ({**GIT, "narHash": NAR_HASH}, ["narHash belongs to type path only"]),
+    ({"type": "nixpkgs", "channel": "main", "ref": "main"}, ["ref belongs to type git only"]),
+    ({"type": "path", "path": "/opt/pkgs", "rev": COMMIT}, ["rev belongs to type git only"]),
+    ({"type": "path", "path": "/opt/pkgs", "url": GIT["url"]}, ["url belongs to type git only"]),
+]
+
+
+@pytest.mark.parametrize(("source", "messages"), SOURCE_MISTAKES)
+def test_a_package_source_mistake_is_named(
+    crd_schema: dict[str, Any], source: dict[str, str], messages: list[str]
+) -> None:
+    """Not the first oneOf branch's complaint ('Unsupported value: "git": supported
+    values: "path"'): the rules the source breaks, and only them. The operator refuses
+    the same sources (with no CRD installed, or one older than these rules)."""
+    obj = nix_image(packages=["jq"], packageSource=source)
+    assert admit(crd_schema, obj) == [f"spec.packageSource: Invalid value: {m}" for m in messages]
+    with pytest.raises(InvalidInput):
+        specs.resolve(obj, OFFERED)
+
+
+@pytest.mark.parametrize("field", ["channel", "ref"])
+def test_a_channel_or_ref_with_two_dots_is_refused(crd_schema: dict[str, Any], field: str) -> None:
+    """sources.py refuses '..' in both (git does in a ref); the pattern alone allows it."""
+    source = {"type": "nixpkgs"} if field == "channel" else dict(GIT)
+    obj = nix_image(packages=["jq"], packageSource={**source, field: "release..1"})
+    problem = f"spec.packageSource.{field}: Invalid value: {field} must not contain '..'"
+    assert admit(crd_schema, obj) == [problem]
     with pytest.raises(InvalidInput):
         specs.resolve(obj, OFFERED)
 

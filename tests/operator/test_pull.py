@@ -16,9 +16,9 @@ from typing import Any
 import pytest
 import pytest_asyncio
 from apiserver import ApiServer
-from kubelet import Kubelet
 from operator_harness import NAMESPACE, apply, eventually, nix_image, ready
 
+from kubesupport.kubelet import Kubelet
 from tests.registry.containerd_node import running_containerd
 from tests.registry.cri import Cri
 from testsupport import env, podman, podman_env, require

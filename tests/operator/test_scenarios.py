@@ -17,7 +17,6 @@ from typing import Any
 
 import pytest
 from apiserver import ApiServer
-from kubelet import Gate, Kubelet, ProcessRuntime, ScriptedRuntime, Termination, summary
 from operator_harness import (
     NAMESPACE,
     REGISTRY,
@@ -38,6 +37,7 @@ from operator_harness import (
     tag_of,
 )
 
+from kubesupport.kubelet import Gate, Kubelet, ProcessRuntime, ScriptedRuntime, Termination, summary
 from niximage_builder import build
 from niximage_builder.storage import factory
 from testsupport import niximage_json
@@ -218,11 +218,11 @@ async def test_same_packages_share_one_pod_owned_by_both(
     # Builder pods go with their last owner; tags go with their NixImage.
     await delete(apiserver, "first")
     await eventually(lambda: apiserver.find("niximages", NAMESPACE, "first") is None)
-    assert tag_of(storage_dir, f"{NAMESPACE}/first", "latest") is None
+    await eventually(lambda: tag_of(storage_dir, f"{NAMESPACE}/first", "latest") is None)
     await eventually(lambda: [r["name"] for r in owners_of(apiserver, pod_name)] == ["second"])
     await delete(apiserver, "second")
     await eventually(lambda: apiserver.find("pods", NAMESPACE, pod_name) is None)
-    assert tag_of(storage_dir, f"{NAMESPACE}/second", "latest") is None
+    await eventually(lambda: tag_of(storage_dir, f"{NAMESPACE}/second", "latest") is None)
 
 
 async def test_an_evicted_builder_is_retried_with_the_attempt_counted(

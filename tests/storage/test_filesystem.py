@@ -4,14 +4,16 @@ from __future__ import annotations
 
 import os
 import stat
+import threading
 import time
 from pathlib import Path
 
 import pytest
 
+from niximage_builder import build
 from niximage_builder.digest import Digest
 from niximage_builder.errors import InvalidInput, StorageError
-from niximage_builder.storage import filesystem
+from niximage_builder.storage import filesystem, filesystem_write
 from niximage_builder.storage.filesystem import FilesystemStorage
 
 
@@ -22,6 +24,10 @@ def store(tmp_path: Path) -> FilesystemStorage:
 
 def files(root: Path) -> list[str]:
     return sorted(p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file())
+
+
+def dirs(root: Path) -> list[str]:
+    return sorted(p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_dir())
 
 
 def test_layout(store: FilesystemStorage) -> None:
@@ -141,3 +147,103 @@ def test_read_only_store_reads(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) 
     assert list(store.list("tags/")) == []
     with pytest.raises(StorageError, match="tmp"):
         store.put_blob(b"x")
+
+
+def test_deleting_tags_leaves_no_empty_directories(store: FilesystemStorage) -> None:
+    app, api = build.tag_path("team/web/app", "1.0"), build.tag_path("team/web/api", "latest")
+    store.write(app, b"sha256:1")
+    store.write(api, b"sha256:2")
+    store.write("builds/abc", b"{}")
+    store.delete(app)
+    # Only what the other tag still needs stays.
+    assert dirs(store.root / "tags") == ["team", "team/web", "team/web/api", "team/web/api/_tags"]
+    store.delete(api)
+    store.delete("builds/abc")
+    assert dirs(store.root / "tags") == []
+    assert (store.root / "tags").is_dir() and (store.root / "builds").is_dir()
+    store.delete(app)  # deleting a missing key is still fine
+    store.write(app, b"sha256:3")  # and the directories come back with the next tag
+    assert build.list_tags(store, "team/web/app") == ["1.0"]
+
+
+def test_a_directory_pruned_before_the_rename_is_made_again(
+    store: FilesystemStorage, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A delete in the same directory (of a key already gone) empties it and prunes it up
+    to tags/ between the writer's mkdir and its rename: the writer makes it again."""
+    key = build.tag_path("a/b", "1")
+    real_replace = os.replace
+    pruned: list[object] = []
+
+    def replace(src: str, dst: str) -> None:
+        if not pruned:
+            store.delete(build.tag_path("a/b", "other"))
+            pruned.append(dst)
+            assert not (store.root / "tags/a").exists()
+        real_replace(src, dst)
+
+    monkeypatch.setattr(filesystem_write.os, "replace", replace)
+    store.write(key, b"x")
+    assert pruned and store.read(key) == b"x"
+    assert files(store.root) == [key]  # no temp file left either
+
+
+def test_a_parent_pruned_during_mkdir_is_made_again(
+    store: FilesystemStorage, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """mkdir -p makes tags/a/b, then tags/a/b/_tags: a delete may prune tags/a/b between."""
+    real_mkdir = os.mkdir
+    pruned: list[str] = []
+
+    def mkdir(path: str | os.PathLike[str], mode: int = 0o777) -> None:
+        parent = os.path.dirname(os.fspath(path))
+        if os.fspath(path).endswith("/_tags") and os.path.isdir(parent) and not pruned:
+            store.delete(build.tag_path("a/b", "other"))
+            pruned.append(parent)
+        real_mkdir(path, mode)
+
+    monkeypatch.setattr(filesystem.os, "mkdir", mkdir)
+    store.write(build.tag_path("a/b", "1"), b"x")
+    assert pruned and store.read(build.tag_path("a/b", "1")) == b"x"
+
+
+def test_concurrent_writes_and_deletes_in_one_directory_lose_nothing(
+    store: FilesystemStorage,
+) -> None:
+    """A writer keeps writing tags into a directory that a deleter keeps emptying and
+    pruning: no write fails, and every written tag is there until its own delete."""
+    repository = "race/deep/repo"
+    rounds = 300
+    errors: list[BaseException] = []
+    lost: list[str] = []
+    start = threading.Barrier(2)
+
+    def writer() -> None:
+        start.wait()
+        for i in range(rounds):
+            key = build.tag_path(repository, f"w{i}")
+            try:
+                store.write(key, b"%d" % i)
+                if store.read(key) != b"%d" % i:
+                    lost.append(key)
+                store.delete(key)  # empty again: the next write races a prune
+            except Exception as exc:  # reported below, in the test's thread
+                errors.append(exc)
+
+    def deleter() -> None:
+        start.wait()
+        for _ in range(rounds):
+            try:
+                store.write(build.tag_path(repository, "d"), b"d")
+                store.delete(build.tag_path(repository, "d"))
+            except Exception as exc:
+                errors.append(exc)
+
+    threads = [threading.Thread(target=writer), threading.Thread(target=deleter)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=60)
+    assert not any(thread.is_alive() for thread in threads)
+    assert errors == [] and lost == []
+    assert files(store.root) == [] and dirs(store.root / "tags") == []

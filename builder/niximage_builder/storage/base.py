@@ -6,6 +6,7 @@ Layout (both backends, DESIGN.md §3):
     layers/<layer key>          JSON metadata of a built layer
     builds/<build key>          JSON build result
     tags/<repository>/_tags/<tag>  the manifest digest a tag points at (build.tag_path)
+    owners/<ns>/<name>/<uid>/<tag>  which NixImage a tag is (niximage_operator.ownership)
 
 Blobs become visible only complete and verified (``BlobWriter.commit``); metadata objects
 are small and replaced atomically. Content types are not stored: a manifest carries its
@@ -31,7 +32,7 @@ def check_key(key: str) -> str:
     parts = key.split("/")
     if len(key) > 1024 or len(parts) < 2 or not all(_KEY_PART.fullmatch(p) for p in parts):
         raise InvalidInput(f"invalid storage key: {key[:200]!r}")
-    if parts[0] not in ("layers", "builds", "tags", "gc"):
+    if parts[0] not in ("layers", "builds", "tags", "owners", "gc"):
         raise InvalidInput(f"invalid storage key prefix: {key[:200]!r}")
     return key
 

@@ -9,6 +9,11 @@ atomic), fsynced, then renamed into place and the directory fsynced: a reader se
 the old object or the complete new one, and a crash leaves at most a stray file in ``tmp/``
 (``filesystem_write``). Nothing uses xattrs (tmpfs and some overlay setups have none).
 
+Deleting a key removes the directories it leaves empty, up to the top-level folder
+(``tags/``): else every repository ever tagged leaves ``tags/<repository>/_tags/`` behind.
+``rmdir`` removes only an empty directory, so a concurrent writer's file is never lost; a
+writer whose directory is pruned between its ``mkdir`` and its rename makes it again.
+
 The gc primitives (``base.Collectable``): ``touch_blob`` is ``utime`` under a shared
 ``flock`` of the blob file, after checking that the path still names the locked file;
 ``delete_blob_if_stale`` takes an exclusive ``flock``, checks, renames into ``tmp/gc-*``,
@@ -22,6 +27,7 @@ test hook at the protocol's decision points).
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import logging
 import os
@@ -36,7 +42,12 @@ from niximage_builder.checkpoints import checkpoint
 from niximage_builder.digest import Digest
 from niximage_builder.errors import InvalidInput, NotFound, StorageError
 from niximage_builder.storage.base import check_key, check_prefix, is_key
-from niximage_builder.storage.filesystem_write import FileBlobWriter, TempFile, error
+from niximage_builder.storage.filesystem_write import (
+    DIRECTORY_ATTEMPTS,
+    FileBlobWriter,
+    TempFile,
+    error,
+)
 
 log = logging.getLogger(__name__)
 
@@ -143,17 +154,19 @@ class FilesystemStorage:
 
     def write(self, key: str, data: bytes) -> None:
         path = self.root / check_key(key)
-        _make_parent(path, key)
+        _make_parent(path, key)  # first: a clashing key fails before any writing
         tmp = TempFile(self._tmp, "meta-")
         try:
             tmp.write(data)
-            tmp.publish(path)
+            # A concurrent delete may prune the directory before the rename: made again.
+            tmp.publish(path, make_parent=lambda: _make_parent(path, key))
         finally:
             tmp.discard()
 
     def delete(self, key: str) -> None:
-        # Empty directories stay: removing them would race with a concurrent write below them.
-        _unlink(self.root / check_key(key))
+        path = self.root / check_key(key)
+        _unlink(path)
+        _prune_empty_dirs(path.parent, stop=self.root / key.partition("/")[0])
 
     def list(self, prefix: str) -> Iterator[str]:
         """Keys starting with ``prefix`` (a plain string prefix, like GCS), sorted."""
@@ -350,7 +363,7 @@ def _may_match(dir_prefix: str, prefix: str) -> bool:
 
 def _make_parent(path: Path, key: str) -> None:
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
+        _make_dirs(path.parent)
     except (FileExistsError, NotADirectoryError) as exc:
         # tags/a/b exists and someone writes tags/a/b/c: a file cannot also be a directory.
         raise InvalidInput(
@@ -364,6 +377,37 @@ def _make_parent(path: Path, key: str) -> None:
             f"storage key {key!r} clashes with existing keys below it "
             f"(the filesystem backend cannot hold both {key!r} and {key + '/…'!r})"
         )
+
+
+def _make_dirs(directory: Path) -> None:
+    """``mkdir -p``, again when a concurrent delete prunes a directory just made (pathlib
+    makes the parents, then the child: the parent may be gone by then)."""
+    for _ in range(DIRECTORY_ATTEMPTS - 1):
+        try:
+            directory.mkdir(parents=True, exist_ok=True)
+            return
+        except FileNotFoundError:
+            continue
+    directory.mkdir(parents=True, exist_ok=True)
+
+
+def _prune_empty_dirs(directory: Path, stop: Path) -> None:
+    """Remove ``directory`` and its parents below ``stop`` for as long as they are empty.
+
+    ``rmdir`` fails on a directory that is not empty, atomically: one holding a concurrent
+    writer's file (or a writer's new subdirectory) stays. Pruning is tidying: any other
+    failure leaves the directory, and the delete has succeeded anyway.
+    """
+    while stop in directory.parents:
+        try:
+            directory.rmdir()
+        except FileNotFoundError:
+            pass  # another delete pruned it: its parent may be empty now
+        except OSError as exc:
+            if exc.errno not in (errno.ENOTEMPTY, errno.EEXIST, errno.ENOTDIR):
+                log.debug("cannot remove empty directory %s: %s", directory, exc)
+            return
+        directory = directory.parent
 
 
 def _unlink(path: Path) -> None:

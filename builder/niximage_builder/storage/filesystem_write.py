@@ -3,7 +3,9 @@
 
 The file is fsynced, renamed into place (same filesystem: atomic), and the directory fsynced:
 a reader sees either the old object or the complete new one, and a crash leaves at most a
-stray file in ``tmp/`` (``FilesystemStorage.purge_stale_uploads``).
+stray file in ``tmp/`` (``FilesystemStorage.purge_stale_uploads``). A delete prunes the
+directories it empties, so the target's directory may vanish before the rename: it is made
+again (the caller's ``make_parent``) and the rename retried.
 
 Imports digest and errors.
 """
@@ -15,6 +17,7 @@ import hashlib
 import logging
 import os
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 from niximage_builder.digest import Digest
@@ -24,6 +27,10 @@ log = logging.getLogger(__name__)
 
 # Readable by a registry that runs as another user; mkstemp would leave 0600.
 _FILE_MODE = 0o644
+
+DIRECTORY_ATTEMPTS = 10
+"""Times a writer makes a directory that concurrent deletes keep pruning, before failing:
+each retry needs another delete to empty and remove it in between, so a few suffice."""
 
 
 class TempFile:
@@ -44,23 +51,42 @@ class TempFile:
         except OSError as exc:
             raise error("write", self.path, exc) from exc
 
-    def publish(self, final: Path) -> None:
-        """Make the content durable, then atomically rename it to ``final`` (durably too)."""
+    def publish(self, final: Path, make_parent: Callable[[], None] | None = None) -> None:
+        """Make the content durable, then atomically rename it to ``final`` (durably too).
+
+        ``make_parent`` creates ``final``'s directory again when it vanished (a concurrent
+        delete pruned it, empty, after the caller made it); without it, that is an error.
+        """
         try:
             self._file.flush()
             os.fchmod(self._file.fileno(), _FILE_MODE)
             os.fsync(self._file.fileno())
             self._file.close()
-            # Replacing an existing blob is fine: same content (and a fresh mtime for gc).
-            os.replace(self.path, final)
+            self._rename(final, make_parent)
         except OSError as exc:
             raise error("publish", final, exc) from exc
         # From here the name in tmp/ may belong to another writer: never unlink it again.
         self._open = False
         try:
             fsync_dir(final.parent)
+        except FileNotFoundError:
+            # Pruned since, so emptied first: a later delete took our file, nothing to sync.
+            pass
         except OSError as exc:
             raise error("sync directory", final.parent, exc) from exc
+
+    def _rename(self, final: Path, make_parent: Callable[[], None] | None) -> None:
+        for _ in range(DIRECTORY_ATTEMPTS - 1):
+            try:
+                # Replacing an existing blob is fine: same content (and a fresh mtime for gc).
+                os.replace(self.path, final)
+                return
+            except FileNotFoundError:
+                # Our own file gone (purged as stale) is no race: only a missing directory is.
+                if make_parent is None or not self.path.exists():
+                    raise
+            make_parent()
+        os.replace(self.path, final)
 
     def discard(self) -> None:
         """Remove the file unless published; safe to call at any time, never raises."""

