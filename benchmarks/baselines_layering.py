@@ -1,5 +1,6 @@
 """The published layering algorithms we measure ours against, re-implemented from their
-descriptions (``shared/research/nixery.md`` §3, ``shared/research/peers.md`` §3) for the
+descriptions (Nixery's popcount and dominator-tree grouping, nix2container's and dockerTools'
+popularity contest) for the
 benchmark only. Each returns layers as sorted path tuples, in manifest order.
 
 - :func:`nixery_layers`: Nixery's dominator-tree grouping with its merge rating (tazjin/nixery

@@ -17,9 +17,9 @@ import argparse
 import os
 import time
 
-from niximage_builder import gc
-from niximage_builder.storage.factory import open_storage
-from niximage_builder.storage.filesystem import FilesystemStorage
+from niximage_core import gc
+from niximage_core.storage.factory import open_storage
+from niximage_core.storage.filesystem import FilesystemStorage
 from tests.gc.support import put_image
 
 GCS_GRACE = 2.0

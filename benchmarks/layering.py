@@ -4,7 +4,8 @@
                                   [--popularity FILE] [--revision-bump] [--json]
 
 For every algorithm, a node pulls the requested images in order and keeps every layer it has
-pulled; a layer is identified by its set of store paths (a layer key, DESIGN.md §2), so it is
+pulled; a layer is identified by its set of store paths (a layer key,
+docs/architecture.md#identity-and-caching), so it is
 pulled again only when no earlier image had exactly that set. Reported per request set:
 
 - ``pulled``: bytes pulled ÷ the size of the union of all closures (1.00 is ideal: every
@@ -43,7 +44,7 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "builder"))
+sys.path[:0] = [str(ROOT / "builder"), str(ROOT / "core")]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from baselines_layering import auto_layers, contest_layers, nixery_layers  # noqa: E402

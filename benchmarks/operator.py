@@ -33,7 +33,9 @@ from typing import Any
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(ROOT / p) for p in ("tests/operator", "tests", "builder", "operator")]
+sys.path[:0] = [
+    str(ROOT / p) for p in ("tests/operator", "tests", "core", "builder", "registry", "operator")
+]
 
 import aiohttp  # noqa: E402
 import kmock  # noqa: E402
@@ -41,7 +43,7 @@ from apiserver import ApiServer  # noqa: E402
 from operator_harness import kubeconfig_for  # noqa: E402
 
 from kubesupport import controlplane  # noqa: E402
-from niximage_builder.storage import factory  # noqa: E402
+from niximage_core.storage import factory  # noqa: E402
 
 TESTPKGS = ROOT / "nix" / "testpkgs"
 PACKAGES = ["bash", "jq", "coreutils", "nano", "python3", "openssl", "tzdata", "hello"]
@@ -77,7 +79,7 @@ def prebuild(sets: list[list[str]], storage: Path, source: str) -> float:
     """The builds the NixImages will find in storage (real builds, not timed below)."""
     started = time.monotonic()
     for packages in sets:
-        command = [sys.executable, "-m", "niximage_builder", "build", *packages]
+        command = [sys.executable, "-m", "niximage_cli", "build", *packages]
         command += ["--package-source", source, "--storage", str(storage)]
         subprocess.run(command, check=True, capture_output=True, env=environment())
     return time.monotonic() - started

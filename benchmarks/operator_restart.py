@@ -1,7 +1,7 @@
 """What an operator restart asks of GCS for NixImages that are already Ready.
 
 kopf resumes every NixImage when the operator starts. A full reconcile looks the build up
-(``build.cached_result``: it reads ``builds/<key>`` and touches every blob of the image,
+(``layout.cached_result``: it reads ``builds/<key>`` and touches every blob of the image,
 a server-side rewrite per blob on GCS, so gc spares them until they are tagged). A NixImage
 already Ready for its spec whose tag still names its image skips that: one read of the tag
 (``reconciling._tag_names``). Both run here against fake-gcs-server on the same images.
@@ -19,12 +19,15 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(ROOT / p) for p in ("tests/operator", "tests", "builder", "operator", ".")]
+sys.path[:0] = [
+    str(ROOT / p)
+    for p in ("tests/operator", "tests", "core", "builder", "registry", "operator", ".")
+]
 
 from operator_samples import target  # noqa: E402
 
-from niximage_builder import build  # noqa: E402
-from niximage_builder.storage.gcs import GcsStorage  # noqa: E402
+from niximage_core import layout  # noqa: E402
+from niximage_core.storage.gcs import GcsStorage  # noqa: E402
 from niximage_operator import reconciling  # noqa: E402
 from tests.gc.support import put_image, result_for  # noqa: E402
 from tests.storage.gcs_emulator import GcsEmulator  # noqa: E402
@@ -52,12 +55,12 @@ def main(argv: list[str] | None = None) -> int:
         for number in range(args.images):
             key, image = images[number % args.sets]
             resolved = target(name=f"image-{number}")
-            build.record_tag(storage, resolved.repository, resolved.tag, result_for(image, key))
+            layout.record_tag(storage, resolved.repository, resolved.tag, result_for(image, key))
             statuses.append((key, resolved, {"digest": str(image.manifest)}))
 
         started = time.perf_counter()
         for key, _resolved, _status in statuses:
-            assert build.cached_result(storage, key) is not None
+            assert layout.cached_result(storage, key) is not None
         full = (time.perf_counter() - started) / args.images
 
         started = time.perf_counter()

@@ -4,8 +4,10 @@
     python benchmarks/pack.py --synthetic 800                             # generated tree
 
 The input is split into several layers (one per path, bigger paths split into their
-children, then balanced by size) and packed in parallel as the builder does, by
-``pack_layers_parallel`` in worker processes and in threads (and serially, for scale).
+children, then balanced by size) and packed in parallel as the builder does, in threads
+(and serially, for scale). Packing in child processes instead was measured and dropped
+(2 CPUs: 0.85× the threads' time at 800 MB / 43,000 entries with peak RSS 97 MB against
+51 MB, equal at 22,000 entries and on a real bash+jq+python3 build).
 Each run happens in a fresh interpreter whose process tree's RSS is sampled, so the
 peak is the packing's own. The reference is one GNU tar piped through ``gzip -6`` and
 ``sha256sum`` (``tee`` to ``wc -c`` for its size). The page cache is warmed first so both
@@ -30,18 +32,14 @@ import tempfile
 import threading
 import time
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "builder"))
+sys.path[:0] = [str(Path(__file__).resolve().parent.parent / p) for p in ("builder", "core")]
 
-from niximage_builder.compression import COMPRESSIONS
-from niximage_builder.tarball import (
-    LayerJob,
-    pack_layers_parallel,
-    scan_paths,
-    tar_header,
-)
+from niximage_builder.compression import COMPRESSIONS  # noqa: E402
+from niximage_builder.tarball import LayerJob, scan_paths, tar_header  # noqa: E402
 
 MB = 1_000_000
 
@@ -214,8 +212,9 @@ def run_ours(
     jobs = [LayerJob(DiscardSink(), g, compression=compression, level=level) for g in groups]
     if mode == "serial":
         packed = [job.run() for job in jobs]
-    else:
-        packed = pack_layers_parallel(jobs, workers, mode)
+    else:  # the builder's way: a thread per layer, up to ``workers`` at once
+        with ThreadPoolExecutor(workers) as pool:
+            packed = list(pool.map(LayerJob.run, jobs))
     wall = time.perf_counter() - start
     after = os.times()
     cpu = sum(after[:4]) - sum(before[:4])  # user + system, ours and our children's
@@ -377,8 +376,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--level", type=int, default=None)
     parser.add_argument(
         "--modes",
-        default="processes,threads,serial",
-        help="comma list of processes, threads, serial",
+        default="threads,serial",
+        help="comma list of threads, serial",
     )
     parser.add_argument("--repeat", type=int, default=1, help="runs of each; best is reported")
     parser.add_argument("--no-reference", action="store_true")

@@ -18,11 +18,11 @@ import urllib.request
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(ROOT / "builder"), str(ROOT / "tests")]
+sys.path[:0] = [str(ROOT / p) for p in ("core", "builder", "registry", "tests")]
 
-from niximage_builder import build, imagespec, manifest, sources  # noqa: E402
-from niximage_builder.digest import Digest  # noqa: E402
-from niximage_builder.storage.filesystem import FilesystemStorage  # noqa: E402
+from niximage_core import imagespec, layout, manifest, sources  # noqa: E402
+from niximage_core.digest import Digest  # noqa: E402
+from niximage_core.storage.filesystem import FilesystemStorage  # noqa: E402
 from testsupport import wait_http  # noqa: E402
 
 _OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}))
@@ -60,7 +60,7 @@ def write_image(root: Path, blob_mb: int) -> tuple[Digest, Digest]:
     image = manifest.image_manifest(spec, config, layers)
     store.put_blob(config.data)
     store.put_blob(image.data)
-    store.write(build.tag_path("bench/image", "latest"), str(image.digest).encode())
+    store.write(layout.tag_path("bench/image", "latest"), str(image.digest).encode())
     return image.digest, big
 
 
@@ -107,7 +107,7 @@ class Server:
 
 def start_ours(store: Path, work: Path, extra: list[str]) -> Server:
     port = free_port()
-    argv = [sys.executable, "-m", "niximage_builder.registry.command", "--storage", str(store),
+    argv = [sys.executable, "-m", "niximage_registry.command", "--storage", str(store),
             "--listen", f"127.0.0.1:{port}", *extra]  # fmt: skip
     return Server("niximage", argv, port, work / "niximage.log")
 

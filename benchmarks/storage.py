@@ -18,9 +18,9 @@ import sys
 import time
 import tracemalloc
 
-from niximage_builder.digest import Digest
-from niximage_builder.storage.base import iter_chunks
-from niximage_builder.storage.factory import open_storage
+from niximage_core.digest import Digest
+from niximage_core.storage.base import iter_chunks
+from niximage_core.storage.factory import open_storage
 
 MiB = 1 << 20
 

@@ -24,7 +24,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def build(store: str, packages: list[str], *extra: str) -> tuple[dict, float]:
     started = time.monotonic()
     proc = subprocess.run(
-        [sys.executable, "-m", "niximage_builder", "build", *packages, "--storage", store, *extra],
+        [sys.executable, "-m", "niximage_cli", "build", *packages, "--storage", store, *extra],
         capture_output=True,
         text=True,
         check=True,

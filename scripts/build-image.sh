@@ -18,7 +18,8 @@
 # 3. podman build of the Containerfile on top, with the layer cache in the same directory.
 #
 # podman runs with vfs storage, runc and lowered ulimits, as it must on these VMs (crun fails
-# on hybrid cgroups; the default ulimits need CAP_SYS_RESOURCE): research/registry.md §5.3.
+# on hybrid cgroups; the default ulimits need CAP_SYS_RESOURCE): see the README's "Pulling
+# with podman".
 # Prints the image name on stdout, progress and the image size on stderr.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -45,7 +46,7 @@ for tool in debootstrap podman runc; do
   command -v "$tool" >/dev/null || { log "$tool is missing: apt-get install debootstrap podman runc"; exit 2; }
 done
 
-version=$(sed -n 's/^__version__ = "\(.*\)"/\1/p' builder/niximage_builder/__init__.py)
+version=$(sed -n 's/^__version__ = "\(.*\)"/\1/p' core/niximage_core/__init__.py)
 image=${image:-localhost/niximage:$version}
 suite=bookworm
 arch=$(dpkg --print-architecture)

@@ -17,6 +17,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 TESTPKGS = ROOT / "nix" / "testpkgs"
+SOURCE_ROOTS = ("core", "builder", "registry", "operator", "cli")
 
 
 LOCAL = urllib.request.build_opener(urllib.request.ProxyHandler({}))
@@ -39,9 +40,9 @@ def wait_http(url: str, timeout: float = 60) -> None:
 
 
 def env() -> dict[str, str]:
-    """The environment for ``python -m niximage_builder``: our sources first."""
+    """The environment for ``python -m niximage_cli``: our sources first."""
     result = dict(os.environ)
-    paths = [str(ROOT / "builder"), str(ROOT / "operator")]
+    paths = [str(ROOT / root) for root in SOURCE_ROOTS]
     result["PYTHONPATH"] = os.pathsep.join([*paths, result.get("PYTHONPATH", "")]).rstrip(":")
     result.pop("NIXIMAGE_PACKAGE_SOURCE", None)
     return result
@@ -52,7 +53,7 @@ def niximage(
 ) -> subprocess.CompletedProcess[str]:
     """Run the real ``niximage`` command line and return the finished process."""
     proc = subprocess.run(
-        [sys.executable, "-m", "niximage_builder", *args],
+        [sys.executable, "-m", "niximage_cli", *args],
         capture_output=True,
         text=True,
         env={**env(), **(extra_env or {})},
@@ -86,7 +87,7 @@ def podman_env(work: Path) -> dict[str, str]:
     """An isolated podman: vfs storage under ``work``, runc and lowered ulimits.
 
     On this kind of VM podman as root cannot raise nofile/nproc (no CAP_SYS_RESOURCE) and
-    crun rejects the hybrid cgroup set-up (research/registry.md §5.3).
+    crun rejects the hybrid cgroup set-up (the README's "Pulling with podman").
     """
     require("podman", "runc")
     require_root()

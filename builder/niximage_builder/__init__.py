@@ -1,7 +1,9 @@
 """niximage builder: from Nix package names to OCI images in storage.
 
-Pure core (naming, closure graphs, layering, tar, manifests, results) plus thin
-adapters (Nix, storage, HTTP). Entry point: ``niximage`` (see ``cli``).
-"""
+Nix → closure → layers → tarballs → config and manifest → storage. Pure parts
+(``closure``, ``popularity``, ``layering``, ``tarball``, ``compression``, ``toplayer``,
+``plan``) and thin adapters (``nixcli`` runs Nix; ``build`` is the pipeline; ``export``
+writes an OCI layout; ``commands`` are its ``niximage`` subcommands).
 
-__version__ = "0.1.0"
+Rule: imports niximage_core only, never the registry, the operator or the command line.
+"""

@@ -1,7 +1,8 @@
 """The build pipeline: spec → Nix closure → layers → tarballs → config → manifest → storage.
 
 Imports the pure core, tarball/toplayer (local files), nixcli and the storage interface.
-Layers are keyed by their store paths (DESIGN.md §2): a layer whose key is already recorded
+Layers are keyed by their store paths (docs/architecture.md#identity-and-caching): a layer whose
+key is already recorded
 in ``layers/`` (and whose blob exists) is neither packed nor uploaded again, by any builder.
 Metadata is written only after the blobs it names, so a reader that finds a ``layers/``,
 ``builds/`` or ``tags/`` entry always finds its blobs.
@@ -23,14 +24,15 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
-from niximage_builder import gc, layering, manifest, nixcli, reference, tarball, toplayer
+from niximage_builder import layering, nixcli, tarball, toplayer
 from niximage_builder.closure import ClosureGraph
-from niximage_builder.digest import Digest
-from niximage_builder.errors import InvalidInput, NixImageError, StorageError
-from niximage_builder.imagespec import FORMAT_VERSION, ImageSpec, canonical_json
 from niximage_builder.popularity import Popularity
-from niximage_builder.result import BuildError, BuildResult, LayerResult
-from niximage_builder.storage.base import Storage, check_key
+from niximage_core import gc, layout, manifest
+from niximage_core.digest import Digest
+from niximage_core.errors import InvalidInput, NixImageError, StorageError
+from niximage_core.imagespec import FORMAT_VERSION, ImageSpec, canonical_json
+from niximage_core.result import BuildError, BuildResult, LayerResult
+from niximage_core.storage.base import Storage, check_key
 
 Progress = Callable[[str], None]
 TOP_LAYER = "<top>"
@@ -53,58 +55,6 @@ def layer_key(paths: Sequence[str], compression: str) -> str:
     """sha256 over the sorted store paths and the tar/compression format version."""
     material = {"formatVersion": FORMAT_VERSION, "compression": compression, "paths": sorted(paths)}
     return hashlib.sha256(canonical_json(material)).hexdigest()
-
-
-def build_key_path(key: str) -> str:
-    return check_key(f"builds/{key}")
-
-
-TAGS_DIR = "_tags"
-"""Between repository and tag: no repository component can be ``_tags`` (the name grammar
-starts components with a letter or digit), so ``shell`` tag ``git`` and ``shell/git`` tag
-``latest`` never collide, and a key is never also a directory on the filesystem backend."""
-
-
-def tag_prefix(repository: str) -> str:
-    """``tags/<repository>/_tags/``: every tag of one repository is listed under it."""
-    reference.check_repository(repository)
-    return f"tags/{repository}/{TAGS_DIR}/"
-
-
-def tag_path(repository: str, tag: str) -> str:
-    reference.check_tag(tag)
-    return check_key(tag_prefix(repository) + tag)
-
-
-def list_tags(storage: Storage, repository: str) -> list[str]:
-    """The repository's tags, sorted (the registry's ``tags/list``)."""
-    prefix = tag_prefix(repository)
-    return sorted(
-        key[len(prefix) :] for key in storage.list(prefix) if "/" not in key[len(prefix) :]
-    )
-
-
-def cached_result(storage: Storage, key: str) -> BuildResult | None:
-    """A stored *successful* result whose blobs all still exist, else None.
-
-    The blobs are touched, so gc spares them for its grace period: time to tag the image.
-    """
-    raw = storage.read(build_key_path(key))
-    if raw is None:
-        return None
-    try:
-        result = BuildResult.from_json(raw)
-    except ValueError:
-        return None
-    if not result.ok or result.manifestDigest is None:
-        return None
-    try:
-        digests = gc.result_digests(result)
-    except InvalidInput:
-        return None
-    if gc.touch_all(storage, digests):
-        return None  # garbage-collected: build again
-    return result
 
 
 class _Packer:
@@ -164,7 +114,7 @@ class _Packer:
 
 
 def shell_command(roots: Sequence[str]) -> list[str] | None:
-    """``Cmd``: bash when the image has it, else sh, else none (DESIGN.md §4.6)."""
+    """``Cmd``: bash when the image has it, else sh, else none (the README's "Top layer")."""
     for shell in ("bash", "sh"):
         if any(os.path.exists(os.path.join(root, "bin", shell)) for root in roots):
             return [shell]
@@ -300,7 +250,7 @@ def build_image(
     key = spec.build_key()
     started = time.monotonic()
     if options.use_cache and spec.source.pinned:
-        cached = cached_result(storage, key)
+        cached = layout.cached_result(storage, key)
         if cached is not None:
             return cached.model_copy(update={"cached": True, "bytesUploaded": 0})
     # The lease lives until builds/<key> is written (released on any exit).
@@ -323,7 +273,7 @@ def build_image(
             raise
         timings = {**realised.timings, **timings, "total": time.monotonic() - started}
         result = result.model_copy(update={"timings": timings})
-        storage.write(build_key_path(key), result.to_json())
+        storage.write(layout.build_key_path(key), result.to_json())
         gc.checkpoint("build.recorded", key=key)
     return result
 
@@ -331,49 +281,4 @@ def build_image(
 def _record(storage: Storage, key: str, result: BuildResult) -> None:
     """Best effort: a storage outage must not hide the original error."""
     with contextlib.suppress(NixImageError):
-        storage.write(build_key_path(key), result.to_json())
-
-
-def record_tag(storage: Storage, repository: str, tag: str, result: BuildResult) -> None:
-    """Point ``repository:tag`` at the result's manifest (after all its blobs exist).
-
-    Then touches every blob of the image (rule W4 of ``gc``): if a gc removed one since the
-    build, ``StorageError`` is raised and the tag is put back as it was (or deleted), so that
-    a tag never names a missing blob; building again repairs the image.
-    """
-    if not result.ok or result.manifestDigest is None:
-        raise InvalidInput("cannot tag a failed build")
-    path = tag_path(repository, tag)
-    previous = storage.read(path)
-    storage.write(path, result.manifestDigest.encode())
-    gc.checkpoint("build.tagged", key=path)
-    manifest_digest, *rest = gc.result_digests(result)
-    # The manifest first: gc's safety argument needs it touched before what it names.
-    missing = gc.touch_all(storage, [manifest_digest]) or gc.touch_all(storage, rest)
-    if not missing:
-        return
-    _put_back(storage, path, previous)
-    raise StorageError(
-        f"cannot tag {repository}:{tag}: blob {missing[0]} of the image was garbage-collected "
-        "since it was built; build it again"
-    )
-
-
-def _put_back(storage: Storage, path: str, previous: bytes | None) -> None:
-    """Restore a tag's old value if its image is whole, else delete the tag. While the tag
-    named the new image the old one was unreferenced, so gc may have taken it: the restore
-    is checked like any tag write (written first, then touched)."""
-    try:
-        old = Digest.parse(previous.decode().strip()) if previous is not None else None
-    except (UnicodeDecodeError, InvalidInput):
-        old = None
-    if old is not None and previous is not None:
-        storage.write(path, previous)
-        if not gc.touch_image(storage, old):
-            return
-    storage.delete(path)
-
-
-def read_tag(storage: Storage, repository: str, tag: str) -> Digest | None:
-    raw = storage.read(tag_path(repository, tag))
-    return Digest.parse(raw.decode().strip()) if raw is not None else None
+        storage.write(layout.build_key_path(key), result.to_json())

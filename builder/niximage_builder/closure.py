@@ -14,7 +14,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from niximage_builder.errors import InvalidInput
+from niximage_core.errors import InvalidInput
 
 
 @dataclass(frozen=True)

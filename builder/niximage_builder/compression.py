@@ -42,7 +42,7 @@ from typing import Literal, Protocol
 import zstandard
 from isal import isal_zlib
 
-from niximage_builder.errors import InvalidInput
+from niximage_core.errors import InvalidInput
 
 Compression = Literal["gzip", "zstd", "none"]
 COMPRESSIONS: tuple[Compression, ...] = ("gzip", "zstd", "none")

@@ -11,11 +11,11 @@ import json
 import os
 from pathlib import Path
 
-from niximage_builder import build, manifest
-from niximage_builder.digest import Digest
-from niximage_builder.errors import NotFound, StorageError
-from niximage_builder.reference import ImageRef
-from niximage_builder.storage.base import Storage, iter_chunks
+from niximage_core import layout, manifest
+from niximage_core.digest import Digest
+from niximage_core.errors import NotFound, StorageError
+from niximage_core.reference import ImageRef
+from niximage_core.storage.base import Storage, iter_chunks
 
 LAYOUT_VERSION = {"imageLayoutVersion": "1.0.0"}
 
@@ -24,7 +24,7 @@ def resolve(storage: Storage, ref: ImageRef) -> Digest:
     if ref.digest is not None:
         return ref.digest
     assert ref.tag is not None
-    digest = build.read_tag(storage, ref.repository, ref.tag)
+    digest = layout.read_tag(storage, ref.repository, ref.tag)
     if digest is None:
         raise NotFound(f"no tag {ref} in {storage.url}")
     return digest

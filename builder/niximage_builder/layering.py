@@ -25,7 +25,8 @@ image already has. Nixery gives it {B,L} {G} (B dominates L once A is absent), a
 first layer matches nothing it built before.
 
 Why. A layer is reused only when another image has a layer with exactly the same paths
-(DESIGN.md §2, layer key), so a path must land in a layer whose content depends on the path,
+(docs/architecture.md#identity-and-caching, layer key), so a path must land in a layer whose
+content depends on the path,
 not on what else the image holds. Grouping by the image's dominator tree (Nixery) or by a
 per-image popularity contest (dockerTools) does the opposite: a library that two requested
 packages share is grouped differently in every image that has one, the other, or both. Here a
@@ -65,9 +66,9 @@ from pathlib import Path
 from typing import Any
 
 from niximage_builder.closure import ClosureGraph, parse_graph
-from niximage_builder.errors import InvalidInput
 from niximage_builder.popularity import ALWAYS_INCLUDED, Popularity, pname_key, store_name
 from niximage_builder.popularity import load as load_popularity
+from niximage_core.errors import InvalidInput
 
 SMALL_LAYER = 100_000
 """Bytes; below this a path is not worth a layer of its own (see the module docstring)."""

@@ -20,14 +20,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from niximage_builder import closure
-from niximage_builder.errors import (
+from niximage_core.errors import (
     NixFailure,
     NixMissing,
     NixTimeout,
     PackagesNotFound,
 )
-from niximage_builder.imagespec import ImageSpec
-from niximage_builder.sources import GitSource, NixpkgsSource, PathSource
+from niximage_core.imagespec import ImageSpec
+from niximage_core.sources import GitSource, NixpkgsSource, PathSource
 
 NIX_DIR = Path(__file__).resolve().parents[2] / "nix"
 """The repository's nix/ folder (prepare-image.nix, the offline package set)."""

@@ -6,7 +6,7 @@ from __future__ import annotations
 from typing import Any
 
 from niximage_builder.closure import ClosureGraph
-from niximage_builder.imagespec import ImageSpec
+from niximage_core.imagespec import ImageSpec
 
 
 def plan_document(spec: ImageSpec, graph: ClosureGraph) -> dict[str, Any]:

@@ -36,7 +36,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from niximage_builder.errors import InvalidInput
+from niximage_core.errors import InvalidInput
 
 ALWAYS_INCLUDED = ("cacert", "nss-cacert", "iana-etc")
 """Package names (pname) that every image gets, hence the most shared of all."""

@@ -1,7 +1,7 @@
-"""The image's top layer: a symlink forest of the requested packages (DESIGN.md §4 step 5).
+"""The image's top layer: a symlink forest of the requested packages (the README's "Top layer").
 
 Like nixpkgs' ``symlinkJoin`` (``lndir`` over every root), which Nixery builds in Nix
-(research/nixery.md §2.3), but computed here from the store directly:
+(as Nixery's does), but computed here from the store directly:
 
 - Each root store path is walked in the order given. Its directories become real
   directories of the forest (mode 0755), merged with those of other roots; every file or

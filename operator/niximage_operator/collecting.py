@@ -1,6 +1,6 @@
 """Garbage collection on a schedule, inside the operator (``gc_interval``; off by default).
 
-Imports niximage_builder's gc and the storage interface, and metrics. One task beside
+Imports niximage_core's gc and the storage interface, and metrics. One task beside
 kopf: it sleeps until a run is due, runs ``gc.collect`` in a thread (it blocks on storage
 for minutes on a large bucket), logs the summary and records the run in storage
 (``gc/last-run``). The record keeps the schedule across restarts: an operator restarted
@@ -8,7 +8,7 @@ more often than the interval still collects, and one restarted in a loop does no
 on every start.
 
 gc is safe beside running builds and the registry by its own protocol (leases, grace
-period; see niximage_builder.gc), so the operator needs no lock of its own around it.
+period; see niximage_core.gc), so the operator needs no lock of its own around it.
 """
 
 from __future__ import annotations
@@ -21,10 +21,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
-from niximage_builder import gc
-from niximage_builder.errors import NixImageError
-from niximage_builder.storage.base import Storage
-from niximage_builder.units import format_duration
+from niximage_core import gc
+from niximage_core.errors import NixImageError
+from niximage_core.storage.base import Storage
+from niximage_core.units import format_duration
 from niximage_operator.metrics import Metrics
 
 log = logging.getLogger(__name__)

@@ -111,7 +111,7 @@ def run(args: argparse.Namespace) -> int:
         level=logging.DEBUG if getattr(args, "verbose", False) else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
-    from niximage_builder.errors import NixImageError
+    from niximage_core.errors import NixImageError
     from niximage_operator import running  # imports kopf and registers the handlers
     from niximage_operator.kube import KubeError
 

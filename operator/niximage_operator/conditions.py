@@ -1,7 +1,8 @@
 """The NixImage status: phase, conditions, image references, events. Pure.
 
 Imports specs, observations, and the builder's result model and units. Follows the
-Kubernetes API conventions (research/operator.md §5): ``Ready`` (positive polarity, for
+Kubernetes API conventions (sig-architecture's api-conventions.md, "Typical status properties"):
+``Ready`` (positive polarity, for
 ``kubectl wait``) and ``Building``, each with a CamelCase reason and a message that says
 what is wrong; ``lastTransitionTime`` moves only when a condition's status flips;
 ``observedGeneration`` tells a reader whether the status is about the spec they see.
@@ -14,8 +15,8 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-from niximage_builder.result import BuildResult
-from niximage_builder.units import format_bytes
+from niximage_core.result import BuildResult
+from niximage_core.units import format_bytes
 from niximage_operator.observations import BuildFailure, PodObservation, format_time
 from niximage_operator.specs import Target
 

@@ -12,7 +12,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
-from niximage_builder.result import BuildResult
+from niximage_core.result import BuildResult
 from niximage_operator.observations import REASONS, BuildFailure, PodObservation, failure
 from niximage_operator.specs import Target
 

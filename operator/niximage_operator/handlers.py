@@ -28,7 +28,7 @@ from typing import Any
 
 import kopf
 
-from niximage_builder.errors import NixImageError
+from niximage_core.errors import NixImageError
 from niximage_operator import observations, podspec, reconciling
 
 NIXIMAGES = (podspec.GROUP, podspec.VERSION, podspec.PLURAL)

@@ -19,7 +19,7 @@ import pykube
 import pykube.exceptions
 import requests
 
-from niximage_builder import __version__
+from niximage_core import __version__
 from niximage_operator import podspec
 
 JSON_PATCH = "application/json-patch+json"

@@ -26,11 +26,11 @@ import threading
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
-from niximage_builder import build
-from niximage_builder.digest import Digest
-from niximage_builder.errors import InvalidInput
-from niximage_builder.result import BuildResult
-from niximage_builder.storage.base import Storage, check_key
+from niximage_core import layout
+from niximage_core.digest import Digest
+from niximage_core.errors import InvalidInput
+from niximage_core.result import BuildResult
+from niximage_core.storage.base import Storage, check_key
 
 PREFIX = "owners/"
 _lock = threading.Lock()
@@ -66,11 +66,11 @@ def owners(storage: Storage, prefix: str = PREFIX) -> list[Owner]:
 
 
 def record(storage: Storage, owner: Owner, result: BuildResult) -> None:
-    """Claim the tag, then point it at the result (``build.record_tag``) unless it does."""
+    """Claim the tag, then point it at the result (``layout.record_tag``) unless it does."""
     with _lock:
         storage.write(check_key(owner.key), b"")
-        if build.read_tag(storage, owner.repository, owner.tag) != _digest(result):
-            build.record_tag(storage, owner.repository, owner.tag, result)
+        if layout.read_tag(storage, owner.repository, owner.tag) != _digest(result):
+            layout.record_tag(storage, owner.repository, owner.tag, result)
 
 
 def release(storage: Storage, owner: Owner) -> bool:
@@ -85,7 +85,7 @@ def release(storage: Storage, owner: Owner) -> bool:
         deleted = False
         if not others:
             try:
-                storage.delete(build.tag_path(owner.repository, owner.tag))
+                storage.delete(layout.tag_path(owner.repository, owner.tag))
                 deleted = True
             except InvalidInput:
                 pass  # a tag name no tag can have: nothing was ever written there
@@ -123,7 +123,7 @@ def sweep(storage: Storage, live_uids: Callable[[], set[str]]) -> list[Owner]:
 
 def _valid(owner: Owner) -> bool:
     try:
-        build.tag_path(owner.repository, owner.tag)
+        layout.tag_path(owner.repository, owner.tag)
         check_key(owner.key)
     except InvalidInput:
         return False

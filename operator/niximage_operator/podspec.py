@@ -111,7 +111,7 @@ def builder_pod(
         "resources": settings.builder_resources,
         "terminationMessagePath": TERMINATION_LOG,
         # A builder that dies before writing its summary still explains itself: the tail
-        # of its log becomes the message (research/peers.md: kpack #253, opaque failures).
+        # of its log becomes the message (kpack users' complaint about opaque failures, kpack #253).
         "terminationMessagePolicy": "FallbackToLogsOnError",
         "securityContext": {
             "allowPrivilegeEscalation": False,

@@ -16,12 +16,12 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
-from niximage_builder import build
-from niximage_builder.digest import Digest
-from niximage_builder.errors import InvalidInput, NixImageError
-from niximage_builder.result import BuildResult
-from niximage_builder.storage import factory
-from niximage_builder.storage.base import Storage
+from niximage_core import layout
+from niximage_core.digest import Digest
+from niximage_core.errors import InvalidInput, NixImageError
+from niximage_core.result import BuildResult
+from niximage_core.storage import factory
+from niximage_core.storage.base import Storage
 from niximage_operator import conditions, decisions, observations, ownership, podspec, specs
 from niximage_operator.kube import AlreadyExists, Kube, KubeError
 from niximage_operator.metrics import Metrics
@@ -292,10 +292,10 @@ async def _stored(
     ctx: Context, target: specs.Target
 ) -> tuple[BuildResult | None, BuildFailure | None]:
     def read() -> tuple[BuildResult | None, BuildFailure | None]:
-        result = build.cached_result(ctx.storage, target.key)
+        result = layout.cached_result(ctx.storage, target.key)
         if result is not None or not target.pinned:
             return result, None
-        raw = ctx.storage.read(build.build_key_path(target.key))
+        raw = ctx.storage.read(layout.build_key_path(target.key))
         try:
             recorded = BuildResult.from_json(raw) if raw is not None else None
         except ValueError:
@@ -343,7 +343,7 @@ def _ready_for(old: Mapping[str, Any], target: specs.Target) -> bool:
 def _tag_names(storage: Storage, target: specs.Target, old: Mapping[str, Any]) -> bool:
     """The target's tag in storage names the image the status reports."""
     try:
-        tagged = build.read_tag(storage, target.repository, target.tag)
+        tagged = layout.read_tag(storage, target.repository, target.tag)
     except InvalidInput:  # a damaged tag object: the full reconcile rewrites it
         return False
     return tagged is not None and str(tagged) == old.get("digest")

@@ -2,8 +2,8 @@
 
 Imports kopf, handlers (which registers them), reconciling, collecting and settings.
 kopf runs in-process with the handlers module imported by name (never ``kopf run
-path.py``, which would put this package's folder on ``sys.path``: research/aesthetics.md
-§7).
+path.py``, which would put this package's folder on ``sys.path``: see the README's
+Layout).
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import socket
 
 import kopf
 
-from niximage_builder.errors import NixImageError
+from niximage_core.errors import NixImageError
 from niximage_operator import collecting, handlers, podspec, reconciling
 from niximage_operator.kube import KubeError
 from niximage_operator.settings import OperatorSettings

@@ -1,9 +1,9 @@
 """The operator's configuration: environment variables (``NIXIMAGE_OPERATOR_*``) and flags.
 
-Pure; imports only niximage_builder's units and errors (durations). Read once, when the
+Pure; imports only niximage_core's units and errors (durations). Read once, when the
 operator starts, and passed down explicitly (in kopf's memo), never read at import time: a
 decorator argument is import time, and a value read there would ignore the environment
-(research/aesthetics.md §3.1).
+set later (in tests, or by a wrapper script).
 """
 
 from __future__ import annotations
@@ -13,8 +13,8 @@ from typing import Annotated, Any, Literal
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-from niximage_builder.errors import InvalidInput
-from niximage_builder.units import parse_duration
+from niximage_core.errors import InvalidInput
+from niximage_core.units import parse_duration
 
 ENV_PREFIX = "NIXIMAGE_OPERATOR_"
 

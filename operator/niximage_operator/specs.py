@@ -14,9 +14,9 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from niximage_builder import imagespec, reference, resource, sources
-from niximage_builder.errors import InvalidInput
-from niximage_builder.sources import PathSource
+from niximage_core import imagespec, reference, resource, sources
+from niximage_core.errors import InvalidInput
+from niximage_core.sources import PathSource
 
 Source = sources.PathSource | sources.NixpkgsSource | sources.GitSource
 
@@ -103,7 +103,8 @@ class Target:
 
     @property
     def pinned(self) -> bool:
-        """Only a pinned source makes a stored result reusable (DESIGN.md §2)."""
+        """Only a pinned source makes a stored result reusable
+        (docs/architecture.md#identity-and-caching)."""
         return self.spec.source.pinned
 
 

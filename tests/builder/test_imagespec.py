@@ -10,8 +10,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from niximage_builder import imagespec, sources
-from niximage_builder.errors import InvalidInput
+from niximage_core import imagespec, sources
+from niximage_core.errors import InvalidInput
 
 SRC = sources.parse_source("nixpkgs:" + "a" * 40)
 ROOT = Path(__file__).resolve().parents[2]
@@ -49,7 +49,7 @@ def test_arch_source_and_format_are_in_the_key() -> None:
 
 def test_key_is_stable_across_processes_and_hash_seeds() -> None:
     code = (
-        "from niximage_builder import imagespec, sources;"
+        "from niximage_core import imagespec, sources;"
         f"print(imagespec.make_spec(['jq','bash'], sources.parse_source('nixpkgs:{'a' * 40}'))"
         ".build_key())"
     )

@@ -17,7 +17,6 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from niximage_builder.closure import ClosureGraph, parse_graph
-from niximage_builder.errors import InvalidInput
 from niximage_builder.layering import (
     SMALL_LAYER,
     Layer,
@@ -34,6 +33,7 @@ from niximage_builder.popularity import (
     pname_key,
     store_name,
 )
+from niximage_core.errors import InvalidInput
 
 MB = 1_000_000
 kB = 1_000

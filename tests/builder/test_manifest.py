@@ -7,11 +7,11 @@ from pathlib import Path
 
 import pytest
 
-from niximage_builder import manifest, reference, resource, sources
-from niximage_builder.digest import Digest
-from niximage_builder.errors import InvalidInput, PackagesNotFound
-from niximage_builder.imagespec import make_spec
-from niximage_builder.result import TERMINATION_LIMIT, BuildError, BuildResult
+from niximage_core import manifest, reference, resource, sources
+from niximage_core.digest import Digest
+from niximage_core.errors import InvalidInput, PackagesNotFound
+from niximage_core.imagespec import make_spec
+from niximage_core.result import TERMINATION_LIMIT, BuildError, BuildResult
 
 SRC = sources.parse_source("nixpkgs:" + "a" * 40)
 LAYERS = [

@@ -6,8 +6,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from niximage_builder import names
-from niximage_builder.errors import InvalidInput
+from niximage_core import names
+from niximage_core.errors import InvalidInput
 
 
 @pytest.mark.parametrize(

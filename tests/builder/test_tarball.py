@@ -21,20 +21,18 @@ import zstandard
 
 from niximage_builder import tarball
 from niximage_builder.compression import GZIP_HEADER, make_compressor
-from niximage_builder.digest import Digest
-from niximage_builder.errors import InvalidInput, StorageError
 from niximage_builder.tarball import (
     Entry,
-    LayerJob,
     PackedLayer,
     PackError,
     normalize,
     pack_entries,
-    pack_layers_parallel,
     pack_paths,
     scan_paths,
     tar_header,
 )
+from niximage_core.digest import Digest
+from niximage_core.errors import InvalidInput
 
 LONG_DIR = "d" * 90 + "/" + "e" * 90  # 181 bytes: fits the ustar prefix/name split
 HUGE_NAME = "f" * 200  # one 200-byte component: only a PAX path can hold it
@@ -312,62 +310,6 @@ def test_normalize_adds_ancestors_and_rejects_conflicts() -> None:
 
 
 # --- parallel and memory ---------------------------------------------------------------------
-
-
-@pytest.mark.parametrize("mode", ["processes", "threads"])
-def test_parallel_results_in_job_order_and_equal_to_serial(tmp_path: Path, mode: str) -> None:
-    roots = []
-    for i in range(5):
-        root = tmp_path / f"p{i}"
-        root.mkdir()
-        (root / "f").write_bytes(os.urandom(100_000 * (i + 1)))
-        roots.append(str(root))
-    sinks = [io.BytesIO() for _ in roots]
-    jobs = [LayerJob(s, [r]) for s, r in zip(sinks, roots, strict=True)]
-    results = pack_layers_parallel(jobs, 3, mode)  # type: ignore[arg-type]
-    serial = [pack_paths([r], io.BytesIO()) for r in roots]
-    assert results == serial
-    assert [Digest.of(s.getvalue()) for s in sinks] == [r.digest for r in results]
-
-
-@pytest.mark.parametrize("mode", ["processes", "threads"])
-def test_parallel_raises_the_first_failure(tmp_path: Path, mode: str) -> None:
-    jobs = [LayerJob(io.BytesIO(), [str(tmp_path)]), LayerJob(io.BytesIO(), ["relative"])]
-    with pytest.raises(PackError, match="absolute"):
-        pack_layers_parallel(jobs, 2, mode)  # type: ignore[arg-type]
-    assert pack_layers_parallel([], 2, mode) == []  # type: ignore[arg-type]
-
-
-def test_worker_processes_pack_entries_and_survive_failures(tmp_path: Path) -> None:
-    """Entries travel to workers; a worker that reported an error is reused; one whose
-    sink failed mid-stream, or that died, is replaced."""
-    entries = [Entry.inline("etc/motd", b"hello\n"), Entry.symlink("bin/sh", "/x/bin/sh")]
-    (tmp_path / "f").write_bytes(os.urandom(3 << 20))  # several data frames
-
-    class FailingSink:
-        def write(self, data: bytes) -> None:
-            raise StorageError("bucket gone")
-
-    with tarball.ProcessPacker(1) as packer:
-        sink = io.BytesIO()
-        assert packer.pack(LayerJob(sink, entries=entries)) == pack_entries(entries, io.BytesIO())
-        with pytest.raises(PackError, match="absolute"):
-            packer.pack(LayerJob(io.BytesIO(), ["relative"]))
-        with pytest.raises(StorageError, match="bucket gone"):
-            packer.pack(LayerJob(FailingSink(), [str(tmp_path)]))
-        worker = packer._take()  # kill the next worker while it works
-        packer._give_back(worker, True)
-
-        class KillingSink:
-            def write(self, data: bytes) -> None:
-                worker.process.kill()
-
-        with pytest.raises(PackError, match="worker failed"):
-            packer.pack(LayerJob(KillingSink(), [str(tmp_path)]))
-        again = io.BytesIO()
-        assert packer.pack(LayerJob(again, [str(tmp_path)])) == pack_paths([str(tmp_path)], sink)
-    with pytest.raises(PackError, match="closed"):
-        packer.pack(LayerJob(io.BytesIO(), [str(tmp_path)]))
 
 
 class _CountingSink:

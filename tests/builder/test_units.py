@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from niximage_builder.errors import InvalidInput
-from niximage_builder.units import format_bytes, format_duration, parse_duration
+from niximage_core.errors import InvalidInput
+from niximage_core.units import format_bytes, format_duration, parse_duration
 
 
 @pytest.mark.parametrize(

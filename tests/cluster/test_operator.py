@@ -20,8 +20,8 @@ import yaml
 
 from kubesupport import cluster, helmtool
 from kubesupport.cluster import Cluster, condition, eventually
-from niximage_builder import build
-from niximage_builder.storage import factory
+from niximage_core import layout
+from niximage_core.storage import factory
 
 API_VERSION = "niximage.dev/v1alpha1"
 BUILD_TIMEOUT = 300.0
@@ -53,7 +53,7 @@ def wait_reason(kube: Cluster, namespace: str, name: str, reason: str) -> dict[s
 
 
 def tag_of(kube: Cluster, repository: str, tag: str) -> str | None:
-    digest = build.read_tag(factory.open_storage(str(kube.storage)), repository, tag)
+    digest = layout.read_tag(factory.open_storage(str(kube.storage)), repository, tag)
     return str(digest) if digest is not None else None
 
 

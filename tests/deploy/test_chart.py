@@ -22,8 +22,8 @@ import kubernetes_validate
 import pytest
 import yaml
 
+import niximage_cli as cli
 from kubesupport.helmtool import CHART, CI_VALUES, ROOT, helm, notes, render, template_args
-from niximage_builder import cli
 from niximage_operator import podspec, specs
 from niximage_operator.settings import ENV_PREFIX, OperatorSettings
 

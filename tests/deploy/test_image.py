@@ -27,9 +27,10 @@ from typing import Any
 
 import pytest
 
+import niximage_cli as cli
 from kubesupport.helmtool import ROOT, render
-from niximage_builder import __version__, build, cli
-from niximage_builder.storage import factory
+from niximage_core import __version__, layout
+from niximage_core.storage import factory
 from niximage_operator import podspec, specs
 from niximage_operator.settings import OperatorSettings
 
@@ -190,9 +191,9 @@ def test_a_builder_pod_builds_the_bundled_set_and_the_registry_serves_it(
 
     # The operator's part, done here: record the tag, as it does on success.
     storage = factory.open_storage(str(run["storage"]))
-    stored = build.cached_result(storage, target.key)
+    stored = layout.cached_result(storage, target.key)
     assert stored is not None
-    build.record_tag(storage, target.repository, target.tag, stored)
+    layout.record_tag(storage, target.repository, target.tag, stored)
     storage.close()
     subprocess.run(["chmod", "-R", "a+rX", str(run["storage"])], check=True)
 

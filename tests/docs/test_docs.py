@@ -24,7 +24,7 @@ from typing import Any
 
 import yaml
 
-from niximage_builder import cli
+import niximage_cli as cli
 from niximage_operator import conditions, observations
 
 ROOT = Path(__file__).resolve().parents[2]

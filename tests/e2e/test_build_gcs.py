@@ -13,9 +13,10 @@ from typing import Any
 import pytest
 from google.cloud.storage.retry import DEFAULT_RETRY
 
-from niximage_builder import build, imagespec, nixcli, sources
-from niximage_builder.errors import StorageError
-from niximage_builder.storage.gcs import GcsStorage
+from niximage_builder import build, nixcli
+from niximage_core import imagespec, sources
+from niximage_core.errors import StorageError
+from niximage_core.storage.gcs import GcsStorage
 from tests.storage.gcs_emulator import GcsEmulator, find_binary
 from testsupport import TESTPKGS, niximage, niximage_json, require
 

@@ -18,7 +18,8 @@ from typing import Any
 
 import pytest
 
-from niximage_builder import checkpoints, gc, nixcli
+from niximage_builder import nixcli
+from niximage_core import checkpoints, gc
 from tests.gc.support import FakeNix
 from tests.storage.backends import Backend, filesystem_backend, gcs_backend
 
@@ -79,7 +80,7 @@ def gcs_atomic_delete(delete_preconditions: bool, monkeypatch: pytest.MonkeyPatc
     this process (what ``ifGenerationMatch`` gives on Google's servers); True if shimmed."""
     if delete_preconditions:
         return False
-    from niximage_builder.storage.gcs import GcsStorage
+    from niximage_core.storage.gcs import GcsStorage
 
     lock = threading.Lock()
     touch, delete = GcsStorage.touch_blob, GcsStorage.delete_blob_if_stale

@@ -15,12 +15,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from niximage_builder import build, closure, imagespec, manifest, nixcli
-from niximage_builder.digest import Digest
-from niximage_builder.errors import NotFound
-from niximage_builder.result import BuildResult, LayerResult
-from niximage_builder.sources import PathSource
-from niximage_builder.storage.base import Storage
+from niximage_builder import build, closure, nixcli
+from niximage_core import imagespec, layout, manifest
+from niximage_core.digest import Digest
+from niximage_core.errors import NotFound
+from niximage_core.result import BuildResult, LayerResult
+from niximage_core.sources import PathSource
+from niximage_core.storage.base import Storage
 
 
 def blob_bytes(seed: str, size: int = 3000) -> bytes:
@@ -81,7 +82,7 @@ def put_image(
     if build_key is not None:
         storage.write(f"builds/{build_key}", result_for(image, build_key).to_json())
     if tag is not None:
-        storage.write(build.tag_path(*tag), str(digest).encode())
+        storage.write(layout.tag_path(*tag), str(digest).encode())
     return image
 
 

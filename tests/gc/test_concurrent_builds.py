@@ -1,4 +1,4 @@
-"""gc during builds, one ordering at a time (the doc of ``niximage_builder.gc`` numbers them).
+"""gc during builds, one ordering at a time (the doc of ``niximage_core.gc`` numbers them).
 
 Image one (alpha, beta, gamma) was built and tagged, then its tag was deleted and its blobs
 aged: they are garbage, except that build two (alpha, beta, delta) reuses most of them. The
@@ -14,10 +14,10 @@ from typing import Any
 
 import pytest
 
-from niximage_builder import build, gc
-from niximage_builder.digest import Digest
-from niximage_builder.errors import StorageError
-from niximage_builder.result import BuildResult
+from niximage_core import gc, layout
+from niximage_core.digest import Digest
+from niximage_core.errors import StorageError
+from niximage_core.result import BuildResult
 from tests.gc.conftest import Store
 from tests.gc.support import FakeNix, Gate, Worker, build_image, missing_blobs, result_blobs
 
@@ -26,8 +26,8 @@ TWO = ("alpha", "beta", "delta")
 
 def old_untagged_image(store: Store, nix: FakeNix) -> BuildResult:
     one = build_image(store.storage, nix, "alpha", "beta", "gamma")
-    build.record_tag(store.storage, "a/one", "1", one)
-    store.storage.delete(build.tag_path("a/one", "1"))
+    layout.record_tag(store.storage, "a/one", "1", one)
+    store.storage.delete(layout.tag_path("a/one", "1"))
     store.age()
     return one
 
@@ -41,7 +41,7 @@ def start_two(store: Store, nix: FakeNix) -> Worker:
 def assert_complete(store: Store, result: BuildResult) -> None:
     """The image is whole, and tagging it works."""
     assert not missing_blobs(store.storage, Digest.parse(result.manifestDigest or ""))
-    build.record_tag(store.storage, "a/two", "1", result)
+    layout.record_tag(store.storage, "a/two", "1", result)
 
 
 def verify_passes(hooks: Any) -> list[list[Digest]]:
@@ -65,7 +65,7 @@ def test_gc_spares_what_a_running_build_leased(store: Store, fake_nix: FakeNix, 
     two = building.result()
     assert report.live_leases == 1
     assert set(report.blobs) == result_blobs(one) - result_blobs(two)
-    assert report.builds == [build.build_key_path(one.buildKey)]
+    assert report.builds == [layout.build_key_path(one.buildKey)]
     assert verify_passes(seen) == [[]]
     assert sum(layer.reused for layer in two.layers) == 4  # alpha, beta, cacert, iana-etc
     assert_complete(store, two)
@@ -161,17 +161,17 @@ def test_a_tag_never_names_a_collected_blob(store: Store, fake_nix: FakeNix) -> 
     """Ordering 6: the caller waited past the grace period before tagging; gc took the
     untagged result. ``record_tag`` notices, puts the old tag back and fails."""
     kept = build_image(store.storage, fake_nix, "alpha")
-    build.record_tag(store.storage, "a/app", "1", kept)
+    layout.record_tag(store.storage, "a/app", "1", kept)
     two = build_image(store.storage, fake_nix, *TWO)
     store.age()
     report = store.collect()
     assert Digest.parse(two.manifestDigest or "") in report.blobs
     with pytest.raises(StorageError, match="garbage-collected"):
-        build.record_tag(store.storage, "a/app", "1", two)
-    assert build.read_tag(store.storage, "a/app", "1") == Digest.parse(kept.manifestDigest or "")
+        layout.record_tag(store.storage, "a/app", "1", two)
+    assert layout.read_tag(store.storage, "a/app", "1") == Digest.parse(kept.manifestDigest or "")
     with pytest.raises(StorageError):
-        build.record_tag(store.storage, "a/new", "1", two)
-    assert build.read_tag(store.storage, "a/new", "1") is None
+        layout.record_tag(store.storage, "a/new", "1", two)
+    assert layout.read_tag(store.storage, "a/new", "1") is None
     assert not missing_blobs(store.storage, Digest.parse(kept.manifestDigest or ""))
 
 
@@ -181,13 +181,13 @@ def test_a_refused_tag_is_put_back_only_if_the_old_image_is_whole(
     """While ``record_tag`` had the tag name the new image, the old one was unreferenced, and
     a gc took it: putting the old value back would leave a dangling tag, so the tag goes."""
     kept = build_image(store.storage, fake_nix, "alpha")
-    build.record_tag(store.storage, "a/app", "1", kept)
+    layout.record_tag(store.storage, "a/app", "1", kept)
     two = build_image(store.storage, fake_nix, *TWO)
     store.age()
     store.collect()  # takes the untagged image two
     gate = Gate("build.tagged")
     hooks(gate)
-    tagging = Worker(lambda: build.record_tag(store.storage, "a/app", "1", two))
+    tagging = Worker(lambda: layout.record_tag(store.storage, "a/app", "1", two))
     tagging.start()
     gate.wait()
     report = store.collect()  # the tag names two now: the old image is garbage
@@ -195,7 +195,7 @@ def test_a_refused_tag_is_put_back_only_if_the_old_image_is_whole(
     gate.go.set()
     with pytest.raises(StorageError):
         tagging.result()
-    assert build.read_tag(store.storage, "a/app", "1") is None
+    assert layout.read_tag(store.storage, "a/app", "1") is None
 
 
 def test_a_cached_result_stays_whole_long_enough_to_be_tagged(
@@ -204,12 +204,12 @@ def test_a_cached_result_stays_whole_long_enough_to_be_tagged(
     """The operator's path: ``cached_result`` now, ``record_tag`` a moment later."""
     two = build_image(store.storage, fake_nix, *TWO)
     store.age()
-    cached = build.cached_result(store.storage, two.buildKey)
+    cached = layout.cached_result(store.storage, two.buildKey)
     assert cached is not None and cached.manifestDigest == two.manifestDigest
     report = store.collect()
     assert not set(report.blobs) & result_blobs(two)
-    build.record_tag(store.storage, "a/two", "1", cached)
+    layout.record_tag(store.storage, "a/two", "1", cached)
     # Once gc took a layer, the cached result is no longer offered.
     layer = Digest.parse(two.layers[0].digest)
     store.storage.delete_blob(layer)
-    assert build.cached_result(store.storage, two.buildKey) is None
+    assert layout.cached_result(store.storage, two.buildKey) is None

@@ -13,8 +13,9 @@ from typing import Any
 
 import pytest
 
-from niximage_builder import build, cli
-from niximage_builder.digest import Digest
+import niximage_cli as cli
+from niximage_core import layout
+from niximage_core.digest import Digest
 from tests.gc.conftest import Store
 from tests.gc.support import missing_blobs
 from testsupport import ROOT, env, niximage, niximage_json, require
@@ -23,7 +24,7 @@ pytestmark = pytest.mark.nix
 
 
 def gc_wired() -> bool:
-    """Whether ``niximage gc`` exists yet (else ``python -m niximage_builder.gc``)."""
+    """Whether ``niximage gc`` exists yet (else ``python -m niximage_core.gc``)."""
     with contextlib.redirect_stderr(io.StringIO()), contextlib.suppress(SystemExit):
         cli.build_parser().parse_args(["gc", "--dry-run"])
         return True
@@ -34,7 +35,7 @@ def niximage_gc(*args: str) -> subprocess.CompletedProcess[str]:
     if gc_wired():
         return niximage("gc", *args)
     proc = subprocess.run(
-        [sys.executable, "-m", "niximage_builder.gc", *args],
+        [sys.executable, "-m", "niximage_core.gc", *args],
         capture_output=True,
         text=True,
         env=env(),
@@ -57,7 +58,7 @@ def test_dry_run_lists_exactly_the_blobs_only_the_untagged_image_used(store: Sto
     two = niximage_json("build", "bash", "python3", "--storage", url, "--tag", "a/two:1")
     only_one = image_blobs(one) - image_blobs(two)
     assert image_blobs(one) & image_blobs(two), "the images share layers (bash, glibc)"
-    store.storage.delete(build.tag_path("a/one", "1"))
+    store.storage.delete(layout.tag_path("a/one", "1"))
     store.age()
     # The default grace period (1 h) on the aged filesystem store; GCS ages for real.
     grace = [] if store.name == "filesystem" else ["--grace", f"{store.grace}s"]
@@ -67,7 +68,7 @@ def test_dry_run_lists_exactly_the_blobs_only_the_untagged_image_used(store: Sto
     assert {Digest.parse(b["digest"]) for b in dry["blobs"]} == only_one
     sizes = {d: store.storage.blob_size(d) for d in only_one}
     assert dry["bytes"] == sum(size or 0 for size in sizes.values())
-    assert dry["builds"] == [build.build_key_path(one["buildKey"])]
+    assert dry["builds"] == [layout.build_key_path(one["buildKey"])]
     assert store.backend.raw_names() == before
     if store.name == "filesystem":  # the human summary (the same report; one backend will do)
         text = niximage_gc("--storage", url, "--dry-run").stdout

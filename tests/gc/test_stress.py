@@ -17,9 +17,9 @@ from typing import Any
 
 import pytest
 
-from niximage_builder import build, checkpoints, gc
-from niximage_builder.digest import Digest
-from niximage_builder.errors import StorageError
+from niximage_core import checkpoints, gc, layout
+from niximage_core.digest import Digest
+from niximage_core.errors import StorageError
 from tests.gc.conftest import Store
 from tests.gc.support import FakeNix, Worker, build_image, missing_blobs, result_blobs
 
@@ -71,15 +71,15 @@ def builder(store: Store, nix: FakeNix, repo: str, seed: int, stop: threading.Ev
         done["builds"] += 1
         tag = rng.choice(["1", "2", "3"])
         try:
-            build.record_tag(store.storage, repo, tag, result)
+            layout.record_tag(store.storage, repo, tag, result)
             done["tags"] += 1
         except StorageError:
             done["refused"] += 1  # gc took a blob in between: the tag was not left dangling
         if rng.random() < 0.4:
-            store.storage.delete(build.tag_path(repo, rng.choice(["1", "2", "3"])))
+            store.storage.delete(layout.tag_path(repo, rng.choice(["1", "2", "3"])))
         # Claim 1: while a tag names an image, the image is whole.
-        for name in build.list_tags(store.storage, repo):
-            digest = build.read_tag(store.storage, repo, name)
+        for name in layout.list_tags(store.storage, repo):
+            digest = layout.read_tag(store.storage, repo, name)
             assert digest is not None and not missing_blobs(store.storage, digest), (repo, name)
     return done
 

@@ -200,7 +200,7 @@ class OperatorProcess:
         assert self.process is None or self.process.poll() is not None
         with self.log.open("ab") as out:
             self.process = subprocess.Popen(
-                [sys.executable, "-m", "niximage_builder", "operator"],
+                [sys.executable, "-m", "niximage_cli", "operator"],
                 env=self.environment,
                 stdout=out,
                 stderr=subprocess.STDOUT,

@@ -156,7 +156,7 @@ class ProcessRuntime:
             argv = [_mapped(arg, mounts) for arg in command]
             argv = [str(local_log) if arg == log_path else arg for arg in argv]
             if argv[0] == "niximage":
-                argv = [sys.executable, "-m", "niximage_builder", *argv[1:]]
+                argv = [sys.executable, "-m", "niximage_cli", *argv[1:]]
             environment = builder_env()
             environment.update(
                 {e["name"]: _mapped(e.get("value", ""), mounts) for e in container.get("env", ())}

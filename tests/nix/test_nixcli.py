@@ -12,8 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from niximage_builder import imagespec, nixcli, sources
-from niximage_builder.errors import NixFailure, NixMissing, NixTimeout, PackagesNotFound
+from niximage_builder import nixcli
+from niximage_core import imagespec, sources
+from niximage_core.errors import NixFailure, NixMissing, NixTimeout, PackagesNotFound
 
 needs_nix = pytest.mark.skipif(shutil.which("nix-build") is None, reason="Nix is not installed")
 

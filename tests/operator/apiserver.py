@@ -1,7 +1,8 @@
 """A Kubernetes API server for operator tests: kmock's emulator, held to the real contract.
 
 kmock 0.8's ``KubernetesEmulator`` serves discovery and keeps objects, but kopf and our
-operator rely on parts of the API it does not emulate (research/operator.md §2.3). This
+operator rely on parts of the API it does not emulate (kmock's own docs say what it leaves out).
+This
 subclass keeps kmock's discovery and HTTP plumbing and serves objects itself. Each rule
 follows the API server's documented behaviour, named in the comments ("API concepts" is
 https://kubernetes.io/docs/reference/using-api/api-concepts/):

@@ -10,8 +10,8 @@ from typing import Any
 
 from apiserver import ApiServer
 
-from niximage_builder import build
-from niximage_builder.storage import factory
+from niximage_core import layout
+from niximage_core.storage import factory
 from niximage_operator import running
 from niximage_operator.settings import OperatorSettings
 
@@ -220,5 +220,5 @@ def events_about(server: ApiServer, name: str) -> list[tuple[str, str]]:
 
 
 def tag_of(storage_dir: Path, repository: str, tag: str) -> str | None:
-    digest = build.read_tag(factory.open_storage(str(storage_dir)), repository, tag)
+    digest = layout.read_tag(factory.open_storage(str(storage_dir)), repository, tag)
     return str(digest) if digest is not None else None

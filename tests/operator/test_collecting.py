@@ -13,9 +13,9 @@ from typing import Any
 import pytest
 from operator_harness import eventually
 
-from niximage_builder import build
-from niximage_builder.errors import StorageError
-from niximage_builder.storage.filesystem import FilesystemStorage
+from niximage_core import layout
+from niximage_core.errors import StorageError
+from niximage_core.storage.filesystem import FilesystemStorage
 from niximage_operator import collecting
 from niximage_operator.metrics import Metrics
 from tests.gc.conftest import backdate
@@ -56,7 +56,7 @@ def two_images_one_untagged(storage: FilesystemStorage) -> tuple[Image, Image]:
     """Two images sharing a layer; the second's tag is deleted; everything is old."""
     kept = put_image(storage, ["base", "app"], tag=("team/app", "1"))
     gone = put_image(storage, ["base", "old"], tag=("team/old", "1"))
-    storage.delete(build.tag_path("team/old", "1"))
+    storage.delete(layout.tag_path("team/old", "1"))
     backdate(Path(storage.url))
     return kept, gone
 

@@ -7,7 +7,7 @@ from typing import Any
 
 from operator_samples import pod, target, terminated
 
-from niximage_builder.result import BuildResult, LayerResult
+from niximage_core.result import BuildResult, LayerResult
 from niximage_operator import conditions, observations
 from niximage_operator.conditions import Condition, Report
 from niximage_operator.observations import BuildFailure

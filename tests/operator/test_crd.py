@@ -17,9 +17,9 @@ from kubernetes import client
 from operator_harness import ROOT
 from operator_samples import NAR_HASH, target
 
-from niximage_builder import names, resource
-from niximage_builder.errors import InvalidInput
-from niximage_builder.result import BuildResult
+from niximage_core import names, resource
+from niximage_core.errors import InvalidInput
+from niximage_core.result import BuildResult
 from niximage_operator import conditions, specs
 
 JUNCTORS = ("allOf", "anyOf", "oneOf", "not")

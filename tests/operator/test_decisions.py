@@ -8,7 +8,7 @@ from datetime import UTC, datetime, timedelta
 import pytest
 from operator_samples import body, pod, settings, target, terminated
 
-from niximage_builder.result import BuildError, BuildResult
+from niximage_core.result import BuildError, BuildResult
 from niximage_operator import decisions, observations, specs
 from niximage_operator.decisions import Backoff, Fail, Start, UseResult, Wait, World
 from niximage_operator.observations import BuildFailure

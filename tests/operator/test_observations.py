@@ -8,8 +8,8 @@ from datetime import UTC, datetime
 import pytest
 from operator_samples import pod, target, terminated
 
-from niximage_builder.errors import NixFailure, PackagesNotFound, StorageError
-from niximage_builder.result import BuildError, BuildResult
+from niximage_core.errors import NixFailure, PackagesNotFound, StorageError
+from niximage_core.result import BuildError, BuildResult
 from niximage_operator import observations
 from niximage_operator.observations import BuildFailure
 

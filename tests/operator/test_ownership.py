@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from niximage_builder import build
-from niximage_builder.storage.filesystem import FilesystemStorage
+from niximage_core import layout
+from niximage_core.storage.filesystem import FilesystemStorage
 from niximage_operator import ownership
 from niximage_operator.ownership import Owner
 from tests.gc.support import put_image, result_for
@@ -22,7 +22,7 @@ def storage(tmp_path: Path) -> Iterator[FilesystemStorage]:
 
 
 def tagged(storage: FilesystemStorage, owner: Owner) -> bool:
-    return build.read_tag(storage, owner.repository, owner.tag) is not None
+    return layout.read_tag(storage, owner.repository, owner.tag) is not None
 
 
 def claim(storage: FilesystemStorage, owner: Owner, seed: str = "a") -> None:
@@ -48,7 +48,7 @@ def test_the_sweep_releases_only_the_tags_of_nix_images_gone(storage: Filesystem
     assert tagged(storage, kept) and not tagged(storage, gone)
     assert ownership.owners(storage) == [kept]
     # A tag no NixImage owns (on demand, niximage build --tag) is never the sweep's.
-    assert build.read_tag(storage, "shell/jq", "latest") == on_demand.manifest
+    assert layout.read_tag(storage, "shell/jq", "latest") == on_demand.manifest
 
 
 def test_the_sweep_lists_owners_before_the_live_nix_images(storage: FilesystemStorage) -> None:
@@ -80,5 +80,5 @@ def test_forget_also_takes_tags_written_before_owner_records(storage: Filesystem
     put_image(storage, ["a-layer"], tag=("team/app", "1.0"))
     claim(storage, Owner("team", "app", "uid-1", "2.0"), "b")
     ownership.forget(storage, "team", "app", "uid-1", ["1.0", "not a tag!"])
-    assert build.list_tags(storage, "team/app") == []
+    assert layout.list_tags(storage, "team/app") == []
     assert ownership.owners(storage) == []

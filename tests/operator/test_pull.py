@@ -30,7 +30,7 @@ pytestmark = [pytest.mark.asyncio, pytest.mark.nix, pytest.mark.clients]
 async def registry(storage_dir: Path) -> AsyncIterator[str]:
     """``niximage serve`` on a free port; yields host:port."""
     require("podman")
-    command = [sys.executable, "-m", "niximage_builder", "serve", "--storage", str(storage_dir)]
+    command = [sys.executable, "-m", "niximage_cli", "serve", "--storage", str(storage_dir)]
     command += ["--listen", "127.0.0.1:0", "--no-access-log"]
     process = await asyncio.create_subprocess_exec(
         *command, stderr=asyncio.subprocess.PIPE, env=env()

@@ -15,9 +15,9 @@ from typing import Any
 import pytest
 from operator_samples import UID, body, pod, settings, sources, target
 
-from niximage_builder import build
-from niximage_builder.errors import StorageError
-from niximage_builder.storage.filesystem import FilesystemStorage
+from niximage_core import layout
+from niximage_core.errors import StorageError
+from niximage_core.storage.filesystem import FilesystemStorage
 from niximage_operator import kube, observations, podspec, reconciling
 from niximage_operator.observations import PodObservation
 
@@ -235,7 +235,7 @@ async def test_a_ready_image_whose_tag_stands_costs_one_read(tmp_path: Path) -> 
     storage = CountingStorage(tmp_path)
     digest = storage.put_blob(b'{"schemaVersion": 2}')
     tagged = target()
-    storage.write(build.tag_path(tagged.repository, tagged.tag), str(digest).encode())
+    storage.write(layout.tag_path(tagged.repository, tagged.tag), str(digest).encode())
     was_ready = {"type": "Ready", "status": "True", "reason": "Succeeded", "message": ""}
     status = {
         "buildKey": tagged.key,
@@ -246,13 +246,13 @@ async def test_a_ready_image_whose_tag_stands_costs_one_read(tmp_path: Path) -> 
     fake = FakeKube()
     outcome = await reconcile(context(storage, fake), body(status=status))
     assert (outcome.status, outcome.events, outcome.retry_after) == ({}, [], None)
-    assert storage.reads == [build.tag_path(tagged.repository, tagged.tag)]
+    assert storage.reads == [layout.tag_path(tagged.repository, tagged.tag)]
     assert fake.created == []
 
     storage.reads.clear()
     moved = {**status, "digest": "sha256:" + "0" * 64}
     await reconcile(context(storage, fake), body(status=moved))
-    assert build.build_key_path(tagged.key) in storage.reads  # the full reconcile
+    assert layout.build_key_path(tagged.key) in storage.reads  # the full reconcile
 
 
 @pytest.mark.asyncio

@@ -38,8 +38,8 @@ from operator_harness import (
 )
 
 from kubesupport.kubelet import Gate, Kubelet, ProcessRuntime, ScriptedRuntime, Termination, summary
-from niximage_builder import build
-from niximage_builder.storage import factory
+from niximage_core import layout
+from niximage_core.storage import factory
 from testsupport import niximage_json
 
 pytestmark = [pytest.mark.asyncio, pytest.mark.nix]
@@ -87,7 +87,7 @@ async def test_apply_gives_ready_with_digest_tag_and_events(
     # The registry serves the name through this mapping; the full result is behind the key.
     assert tag_of(storage_dir, f"{NAMESPACE}/jq", "1.0") == digest
     storage = factory.open_storage(str(storage_dir))
-    result = json.loads(storage.read(build.build_key_path(status["buildKey"])) or b"{}")
+    result = json.loads(storage.read(layout.build_key_path(status["buildKey"])) or b"{}")
     assert result["manifestDigest"] == digest
     # One event per transition, Normal all the way.
     await eventually(lambda: ("Normal", "Succeeded") in events_about(apiserver, "jq"))

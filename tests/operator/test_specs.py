@@ -5,8 +5,10 @@ from __future__ import annotations
 import pytest
 from operator_samples import NAR_HASH, OTHER_HASH, PKGS, SOURCE, body, settings, sources, target
 
-from niximage_builder import cli, imagespec, nixcli
-from niximage_builder.errors import InvalidInput
+import niximage_cli as cli
+from niximage_builder import commands, nixcli
+from niximage_core import imagespec
+from niximage_core.errors import InvalidInput
 from niximage_operator import podspec, specs
 
 
@@ -24,7 +26,7 @@ def test_the_builder_pods_command_line_computes_the_same_key() -> None:
     resolved = target(packages=("python3.pkgs.requests", "jq"), compression="zstd", tag="x")
     command = podspec.builder_command(resolved, settings())
     args = cli.build_parser().parse_args(command[1:])
-    spec, tag = cli._build_target(args, nixcli.NixSettings())
+    spec, tag = commands._build_target(args, nixcli.NixSettings())
     assert tag is None  # the operator records tags itself: one pod serves many names
     assert spec.build_key() == resolved.key
 

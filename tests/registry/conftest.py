@@ -10,9 +10,9 @@ import pytest
 import pytest_asyncio
 from aiohttp.test_utils import TestClient, TestServer
 
-from niximage_builder.registry.app import AppSettings, make_app
-from niximage_builder.registry.runner import JsonErrorsRunner
-from niximage_builder.storage.filesystem import FilesystemStorage
+from niximage_core.storage.filesystem import FilesystemStorage
+from niximage_registry.app import AppSettings, make_app
+from niximage_registry.runner import JsonErrorsRunner
 from tests.registry.support import Image, write_images
 
 
@@ -40,13 +40,13 @@ ClientFactory = Callable[..., "AsyncIterator[TestClient]"]
 async def make_client(
     store: FilesystemStorage,
 ) -> AsyncIterator[Callable[..., object]]:
-    """``await make_client(settings=None, build_function=None, storage=store)``."""
+    """``await make_client(settings=None, storage=store)``."""
     clients: list[TestClient] = []
 
     async def make(
-        settings: AppSettings | None = None, build_function: object = None, storage: object = None
+        settings: AppSettings | None = None, storage: object = None
     ) -> TestClient:
-        app = make_app(storage or store, settings, build_function)  # type: ignore[arg-type]
+        app = make_app(storage or store, settings)  # type: ignore[arg-type]
         client = TestClient(JsonErrorsTestServer(app, host="127.0.0.1"))
         await client.start_server()
         clients.append(client)

@@ -2,7 +2,7 @@
 directories, socket and CRI registry configuration, and ``ctr run`` kept apart from the
 host's runc state and cgroups. Import as ``tests.registry.containerd_node``.
 
-research/containerd.md has how it behaves and what it needs here.
+docs/kubelet-containerd.md has what it asks of a registry.
 """
 
 from __future__ import annotations

@@ -8,7 +8,6 @@ from __future__ import annotations
 import gzip
 import io
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -19,9 +18,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 
-from niximage_builder import build, imagespec, manifest, sources
-from niximage_builder.digest import Digest
-from niximage_builder.storage.filesystem import FilesystemStorage
+from niximage_core import imagespec, layout, manifest, sources
+from niximage_core.digest import Digest
+from niximage_core.storage.filesystem import FilesystemStorage
+from testsupport import env as source_env
 
 ROOT = Path(__file__).resolve().parents[2]
 SOURCE = sources.parse_source("path:/nonexistent/testpkgs#sha256-" + "A" * 43 + "=")
@@ -84,9 +84,9 @@ def write_images(store: FilesystemStorage) -> Image:
     for repository, entries in tags.items():
         for tag, blob in entries.items():
             digest = blob.digest if blob is not None else index_digest
-            store.write(build.tag_path(repository, tag), str(digest).encode())
+            store.write(layout.tag_path(repository, tag), str(digest).encode())
     for number in range(1, 6):
-        store.write(build.tag_path("many/tags", f"v{number}"), str(oci.digest).encode())
+        store.write(layout.tag_path("many/tags", f"v{number}"), str(oci.digest).encode())
     return Image(
         oci, oci_config, layer, layer_digest, images["docker"][1], index, index_digest, big
     )
@@ -95,25 +95,24 @@ def write_images(store: FilesystemStorage) -> Image:
 class RegistryProcess:
     """``niximage serve`` as a real process on a free loopback port.
 
-    Started through ``python -m niximage_builder.registry.command`` (the same ``run`` the
-    CLI's ``serve`` calls). stdout (the access log) and stderr go to files, so a chatty
-    server never blocks on a full pipe.
+    Started through ``python -m niximage_cli serve``, the ``niximage`` command itself.
+    stdout (the access log) and stderr go to files, so a chatty server never blocks on a
+    full pipe.
     """
 
     def __init__(self, storage: Path | str, *args: str, env: dict[str, str] | None = None) -> None:
         self.argv = [
             sys.executable,
             "-m",
-            "niximage_builder.registry.command",
+            "niximage_cli",
+            "serve",
             "--storage",
             str(storage),
             "--listen",
             "127.0.0.1:0",
             *args,
         ]
-        self.env = {**os.environ, **(env or {})}
-        paths = [str(ROOT / "builder"), str(ROOT / "operator")]
-        self.env["PYTHONPATH"] = os.pathsep.join([*paths, self.env.get("PYTHONPATH", "")])
+        self.env = {**source_env(), **(env or {})}
         self._out = tempfile.NamedTemporaryFile(prefix="registry-out-", suffix=".log")  # noqa: SIM115
         self._err = tempfile.NamedTemporaryFile(prefix="registry-err-", suffix=".log")  # noqa: SIM115
         self.process: subprocess.Popen[bytes] | None = None

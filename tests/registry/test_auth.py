@@ -11,8 +11,8 @@ from typing import Any
 import pytest
 from aiohttp.test_utils import TestClient
 
-from niximage_builder.registry import auth
-from niximage_builder.registry.app import AppSettings
+from niximage_registry import auth
+from niximage_registry.app import AppSettings
 
 pytestmark = pytest.mark.asyncio
 

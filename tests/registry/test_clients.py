@@ -1,7 +1,7 @@
 """Real clients against ``niximage serve`` holding images built with the real pipeline.
 
 skopeo (inspect --raw / --config, copy to an OCI layout), umoci (unpack, then a command in
-a chroot), podman (pull and run with runc and lowered ulimits: research/registry.md §5.3),
+a chroot), podman (pull and run with runc and lowered ulimits: the README's "Pulling with podman"),
 for OCI and Docker schema-2 manifests, by tag and by digest. The same skopeo checks run
 against Debian's docker-registry (distribution 2.8) holding the same images, as a
 reference. On-demand mode: podman pulls an image nobody built yet, and twenty concurrent
@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 
 import testsupport
-from niximage_builder.digest import Digest
+from niximage_core.digest import Digest
 from tests.registry.support import RegistryProcess
 from testsupport import niximage_json, podman, require, require_root, wait_http
 

@@ -6,7 +6,7 @@ directories and socket, then run the image with ``ctr run`` (runc). The registry
 reached at this machine's non-loopback address, which containerd would only try over
 HTTPS, so the plain-HTTP pulls go through the ``hosts.toml`` recipe of
 docs/kubelet-containerd.md. A pull secret travels as the CRI ``AuthConfig``, as the
-kubelet sends it. research/containerd.md has what containerd asks of a registry.
+kubelet sends it. docs/kubelet-containerd.md has what containerd asks of a registry.
 """
 
 from __future__ import annotations

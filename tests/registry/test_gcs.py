@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 from aiohttp import ClientSession
 
-from niximage_builder.registry.app import AppSettings
+from niximage_registry.app import AppSettings
 from tests.registry.support import Image, write_images
 from tests.storage.gcs_emulator import GcsEmulator, find_binary
 
@@ -69,12 +69,12 @@ class SigningGcs:
     def __getattr__(self, name: str) -> Any:
         return getattr(self._reader, name)
 
-    def signed_blob_url(self, digest: Any, ttl_seconds: int) -> str | None:
-        return self._signer.signed_blob_url(digest, ttl_seconds)  # type: ignore[no-any-return]
+    def blob_delivery(self, digest: Any, url_ttl: int | None) -> Any:
+        return self._signer.blob_delivery(digest, url_ttl)
 
 
 def gcs_storage(emulator: GcsEmulator, bucket: str, signing: bool) -> Any:
-    from niximage_builder.storage.gcs import GcsStorage
+    from niximage_core.storage.gcs import GcsStorage
 
     reader = GcsStorage(bucket, "registry", emulator.client())
     if not signing:

@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 from aiohttp.test_utils import TestClient
 
-from niximage_builder import build, manifest
+from niximage_core import layout, manifest
 from tests.registry.support import Image
 
 pytestmark = pytest.mark.asyncio
@@ -500,13 +500,13 @@ async def test_repeated_accept_headers_are_fine(client: TestClient, image: Image
 async def test_moved_tag_is_seen_after_the_cache_ttl(
     make_client: Any, store: Any, image: Image
 ) -> None:
-    from niximage_builder.registry.app import AppSettings
-    from niximage_builder.registry.content import CacheSettings
+    from niximage_registry.app import AppSettings
+    from niximage_registry.content import CacheSettings
 
     client = await make_client(AppSettings(cache=CacheSettings(tag_ttl=0)))
     first = await client.get("/v2/test/app/manifests/latest")
     assert first.headers["Docker-Content-Digest"] == str(image.manifest.digest)
-    store.write(build.tag_path("test/app", "latest"), str(image.docker_manifest.digest).encode())
+    store.write(layout.tag_path("test/app", "latest"), str(image.docker_manifest.digest).encode())
     second = await client.get("/v2/test/app/manifests/latest")
     assert second.headers["Docker-Content-Digest"] == str(image.docker_manifest.digest)
 
@@ -522,7 +522,7 @@ async def test_corrupt_manifest_is_never_served(
 
 
 async def test_tag_pointing_at_a_missing_manifest(client: TestClient, store: Any) -> None:
-    store.write(build.tag_path("test/app", "dangling"), ("sha256:" + "1" * 64).encode())
+    store.write(layout.tag_path("test/app", "dangling"), ("sha256:" + "1" * 64).encode())
     response = await client.get("/v2/test/app/manifests/dangling")
     assert response.status == 404
 

@@ -15,12 +15,12 @@ from typing import Any
 
 import pytest
 
-from niximage_builder import build, imagespec, manifest, sources
-from niximage_builder.digest import Digest
-from niximage_builder.errors import NixFailure, PackagesNotFound
-from niximage_builder.registry.app import AppSettings
-from niximage_builder.registry.ondemand import OnDemandSettings
-from niximage_builder.result import BuildResult
+from niximage_core import imagespec, layout, manifest, sources
+from niximage_core.digest import Digest
+from niximage_core.errors import NixFailure, PackagesNotFound
+from niximage_core.result import BuildResult
+from niximage_registry.app import AppSettings
+from niximage_registry.ondemand import OnDemandSettings
 
 pytestmark = pytest.mark.asyncio
 
@@ -40,9 +40,6 @@ class FakeBuild:
         self,
         spec: imagespec.ImageSpec,
         storage: Any,
-        nix: Any,
-        options: Any,
-        progress: Any,
         cancel: threading.Event | None,
     ) -> BuildResult:
         with self._lock:
@@ -72,8 +69,8 @@ class FakeBuild:
 
 
 async def on_demand(make_client: Any, fake: FakeBuild, **options: Any) -> Any:
-    settings = AppSettings(ondemand=OnDemandSettings(source=SOURCE, **options))
-    return await make_client(settings, fake)
+    settings = AppSettings(ondemand=OnDemandSettings(source=SOURCE, build=fake, **options))
+    return await make_client(settings)
 
 
 async def test_twenty_first_pulls_run_one_build(make_client: Any, store: Any) -> None:
@@ -86,7 +83,7 @@ async def test_twenty_first_pulls_run_one_build(make_client: Any, store: Any) ->
     digests = {r.headers["Docker-Content-Digest"] for r in responses}
     assert len(digests) == 1 and len(fake.calls) == 1
     assert "bashInteractive" in fake.calls[0] and "jq" in fake.calls[0]
-    stored = store.read(build.tag_path("shell/jq", "latest")).decode()
+    stored = store.read(layout.tag_path("shell/jq", "latest")).decode()
     assert stored == digests.pop()
     again = await client.get("/v2/shell/jq/manifests/latest")
     assert again.status == 200 and len(fake.calls) == 1
@@ -103,8 +100,8 @@ async def test_names_sharing_a_build_key_get_their_own_tags(make_client: Any, st
         client.get("/v2/jq/bash/manifests/latest"), client.get("/v2/bash/jq/manifests/latest")
     )
     assert first.status == second.status == 200 and len(fake.calls) == 1
-    assert store.read(build.tag_path("jq/bash", "latest")) == store.read(
-        build.tag_path("bash/jq", "latest")
+    assert store.read(layout.tag_path("jq/bash", "latest")) == store.read(
+        layout.tag_path("bash/jq", "latest")
     )
 
 

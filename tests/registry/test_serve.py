@@ -13,8 +13,9 @@ from pathlib import Path
 
 import pytest
 
-from niximage_builder.storage.filesystem import FilesystemStorage
+from niximage_core.storage.filesystem import FilesystemStorage
 from tests.registry.support import ROOT, RegistryProcess, write_images
+from testsupport import env as source_env
 
 _OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 
@@ -87,7 +88,7 @@ def test_bad_flags_exit_2_with_one_line(tmp_path: Path) -> None:
             [
                 sys.executable,
                 "-m",
-                "niximage_builder.registry.command",
+                "niximage_registry",
                 "--storage",
                 str(tmp_path),
                 *args,
@@ -96,7 +97,7 @@ def test_bad_flags_exit_2_with_one_line(tmp_path: Path) -> None:
             text=True,
             cwd=ROOT,
             timeout=60,
-            env={**os.environ, "PYTHONPATH": str(ROOT / "builder")},
+            env=source_env(),
         )
         assert proc.returncode == 2, proc.stderr
         assert proc.stderr.startswith("niximage serve: ") and "Traceback" not in proc.stderr

@@ -6,10 +6,10 @@ from pathlib import Path
 
 import pytest
 
-from niximage_builder.errors import InvalidInput
-from niximage_builder.registry import auth, paths, ranges
-from niximage_builder.registry.content import TtlCache
-from niximage_builder.registry.errors import RegistryError
+from niximage_core.errors import InvalidInput
+from niximage_registry import auth, paths, ranges
+from niximage_registry.content import TtlCache
+from niximage_registry.errors import RegistryError
 
 HEX = "a" * 64
 

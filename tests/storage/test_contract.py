@@ -1,4 +1,4 @@
-"""The storage contract (DESIGN.md §3), run against every backend.
+"""The storage contract (docs/architecture.md#storage-layout), run against every backend.
 
 What the builder, the registry, gc and the operator may rely on whichever backend is
 configured: blobs appear only complete and verified, metadata is replaced atomically,
@@ -17,9 +17,10 @@ from typing import Any
 
 import pytest
 
-from niximage_builder.digest import Digest
-from niximage_builder.errors import InvalidInput, NotFound, StorageError
-from niximage_builder.storage.base import blob_key, iter_chunks
+from niximage_core.digest import Digest
+from niximage_core.errors import InvalidInput, NotFound, StorageError
+from niximage_core.storage import base
+from niximage_core.storage.base import blob_key, iter_chunks
 from tests.storage.backends import GCS_CHUNK, Backend
 
 MiB = 1 << 20
@@ -31,6 +32,23 @@ SIZES = [
     pytest.param(2 * GCS_CHUNK, id="exact-chunks"),
     pytest.param(3 * GCS_CHUNK + 5, id="chunked"),
 ]
+
+
+@pytest.mark.parametrize("backend_class", ["filesystem", "gcs"])
+def test_every_backend_implements_the_whole_interface(backend_class: str) -> None:
+    """One interface, no optional parts: callers never probe a backend with hasattr."""
+    from niximage_core.storage.filesystem import FilesystemStorage
+    from niximage_core.storage.gcs import GcsStorage
+
+    cls = {"filesystem": FilesystemStorage, "gcs": GcsStorage}[backend_class]
+    wanted = {
+        name
+        for name, member in vars(base.Storage).items()
+        if callable(member) and not name.startswith("_")
+    }
+    assert len(wanted) >= 17
+    missing = sorted(name for name in wanted if not callable(getattr(cls, name, None)))
+    assert not missing, f"{cls.__name__} lacks {missing}"
 
 
 def payload(size: int, seed: int = 0) -> bytes:

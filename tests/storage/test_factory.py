@@ -9,14 +9,14 @@ from pathlib import Path
 
 import pytest
 
-from niximage_builder.errors import InvalidInput
-from niximage_builder.storage.factory import (
+from niximage_core.errors import InvalidInput
+from niximage_core.storage.factory import (
     FilesystemLocation,
     GcsLocation,
     open_storage,
     parse_storage_url,
 )
-from niximage_builder.storage.filesystem import FilesystemStorage
+from niximage_core.storage.filesystem import FilesystemStorage
 
 VALID = [
     ("gs://bkt", GcsLocation("bkt", "")),
@@ -90,7 +90,7 @@ def test_open_storage_creates_a_missing_directory(tmp_path: Path) -> None:
 def test_open_storage_does_not_import_google_for_paths(tmp_path: Path) -> None:
     # The registry on a filesystem store should not pay for the Google libraries.
     code = (
-        "import sys; from niximage_builder.storage.factory import open_storage; "
+        "import sys; from niximage_core.storage.factory import open_storage; "
         f"open_storage({str(tmp_path)!r}); "
         "assert 'google.cloud.storage' not in sys.modules, 'imported google'"
     )

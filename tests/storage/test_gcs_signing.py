@@ -23,8 +23,8 @@ from google.auth import credentials as auth_credentials
 from google.auth import exceptions as auth_exceptions
 from google.cloud.storage import _signing
 
-from niximage_builder.storage.base import blob_key
-from niximage_builder.storage.gcs_signing import RETRY_REFUSED, UrlSigner
+from niximage_core.storage.base import blob_key
+from niximage_core.storage.gcs_signing import RETRY_REFUSED, UrlSigner
 from tests.storage.backends import make_gcs_storage
 from tests.storage.gcs_emulator import GcsEmulator
 

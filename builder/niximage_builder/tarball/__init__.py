@@ -1,4 +1,5 @@
-"""Deterministic layer tarballs, written in one streaming pass (DESIGN.md §4 step 4).
+"""Deterministic layer tarballs, written in one streaming pass
+(docs/architecture.md#identity-and-caching).
 
     entries ─► tar bytes ─► sha256 (diffID) ─► compressor ─► sha256 (digest), byte count ─► sink
 
@@ -36,8 +37,6 @@ The package, one job a module (each imports only those above it):
 - ``headers``: one entry → its ustar (and PAX) header bytes;
 - ``streaming``: tar bytes → hashes, compressor and sink, in fixed blocks → ``PackedLayer``;
 - ``packing``: one layer (``pack_paths``, ``pack_entries``, ``LayerJob``);
-- ``workers``: ``ProcessPacker``, packing in child interpreters;
-- ``parallel``: ``pack_layers_parallel``, many layers at once.
 
 This ``__init__`` only re-exports: ``from niximage_builder import tarball`` then
 ``tarball.pack_paths`` is the way in.
@@ -46,7 +45,6 @@ This ``__init__`` only re-exports: ``from niximage_builder import tarball`` then
 from niximage_builder.tarball.entries import Entry, EntryKind, PackError
 from niximage_builder.tarball.headers import MTIME, tar_header
 from niximage_builder.tarball.packing import LayerJob, pack_entries, pack_paths
-from niximage_builder.tarball.parallel import Parallelism, pack_layers_parallel
 from niximage_builder.tarball.scanning import ANCESTOR_MODE, entry_from_stat, normalize, scan_paths
 from niximage_builder.tarball.streaming import (
     BLOCK_SIZE,
@@ -55,7 +53,6 @@ from niximage_builder.tarball.streaming import (
     SupportsWrite,
     layer_format,
 )
-from niximage_builder.tarball.workers import ProcessPacker
 
 __all__ = [
     "ANCESTOR_MODE",
@@ -67,14 +64,11 @@ __all__ = [
     "LayerJob",
     "PackError",
     "PackedLayer",
-    "Parallelism",
-    "ProcessPacker",
     "SupportsWrite",
     "entry_from_stat",
     "layer_format",
     "normalize",
     "pack_entries",
-    "pack_layers_parallel",
     "pack_paths",
     "scan_paths",
     "tar_header",

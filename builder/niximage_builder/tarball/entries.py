@@ -8,7 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal, get_args
 
-from niximage_builder.errors import NixImageError
+from niximage_core.errors import NixImageError
 
 EntryKind = Literal["dir", "file", "symlink"]
 

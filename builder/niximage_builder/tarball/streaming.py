@@ -18,9 +18,9 @@ from niximage_builder.compression import (
     Compression,
     Compressor,
 )
-from niximage_builder.digest import Digest
 from niximage_builder.tarball.entries import PackError
 from niximage_builder.tarball.headers import ZEROS
+from niximage_core.digest import Digest
 
 BLOCK_SIZE = 1 << 20
 """Bytes hashed and compressed at a time. Big enough that the GIL is released for nearly all
@@ -56,7 +56,8 @@ class PackedLayer:
 
 
 def layer_format(compression: Compression, level: int | None = None) -> str:
-    """What decides a layer's bytes besides its files, for the layer key (DESIGN.md §2):
+    """What decides a layer's bytes besides its files, for the layer key
+    (docs/architecture.md#identity-and-caching):
     ``tar1+gzip-2``. The compression library's version is left out on purpose: a cached
     layer stays valid (its metadata names its own digest) even if a newer library would
     compress the same tar to other bytes."""

@@ -1,1 +1,0 @@
-"""Storage backends behind one interface (``base.Storage``); layout of DESIGN.md §3."""

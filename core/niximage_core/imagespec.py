@@ -1,0 +1,111 @@
+"""The image spec and its build key (docs/architecture.md#identity-and-caching). Pure; imports
+names, sources, errors.
+
+The spec is everything that determines an image: normalised packages, architecture,
+package source and output format. The build key is a sha256 over a canonical JSON
+encoding of it plus ``FORMAT_VERSION``: JSON lists cannot be confused the way joined
+strings can (Nixery hashes ``"ab"+"c"`` and ``"a"+"bc"`` alike), and the architecture
+and source are part of it (Nixery leaves the architecture out).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, ValidationError, field_validator, model_validator
+
+from niximage_core import names
+from niximage_core.errors import InvalidInput
+from niximage_core.sources import PackageSource
+
+FORMAT_VERSION = 1
+"""Bump when the builder's output for the same spec changes (layering, tar, manifest)."""
+
+Arch = Literal["amd64", "arm64"]
+ManifestFormat = Literal["oci", "docker"]
+Compression = Literal["gzip", "zstd"]
+
+
+def canonical_json(value: Any) -> bytes:
+    """One byte string per value: sorted keys, no whitespace, UTF-8."""
+    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
+
+
+class ImageSpec(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    packages: tuple[str, ...]
+    """Normalised: valid, ``cacert``/``iana-etc`` added, de-duplicated, sorted."""
+    arch: Arch = "amd64"
+    source: PackageSource
+    format: ManifestFormat = "oci"
+    compression: Compression = "gzip"
+
+    @field_validator("packages", mode="before")
+    @classmethod
+    def _normalise(cls, value: Any) -> tuple[str, ...]:
+        if isinstance(value, str) or not isinstance(value, list | tuple):
+            raise ValueError("packages must be a list of package names")
+        return names.normalise_packages(value)
+
+    @model_validator(mode="after")
+    def _layer_type_exists(self) -> ImageSpec:
+        if self.format == "docker" and self.compression == "zstd":
+            # Docker schema2 defines gzip layers only (manifest.LAYER_TYPES).
+            raise ValueError("format docker has no zstd layers: use format oci, or gzip")
+        return self
+
+    @property
+    def system(self) -> str:
+        """The Nix system string of the architecture."""
+        return names.ARCHITECTURES[self.arch]
+
+    @property
+    def has_shell(self) -> bool:
+        return "bashInteractive" in self.packages or "bash" in self.packages
+
+    def key_material(self) -> dict[str, Any]:
+        return {
+            "formatVersion": FORMAT_VERSION,
+            "packages": list(self.packages),
+            "arch": self.arch,
+            "source": self.source.model_dump(mode="json"),
+            "format": self.format,
+            "compression": self.compression,
+        }
+
+    def build_key(self) -> str:
+        """sha256 hex of the canonical encoding; equal specs, equal keys, in any process."""
+        return hashlib.sha256(canonical_json(self.key_material())).hexdigest()
+
+
+def make_spec(
+    packages: list[str] | tuple[str, ...],
+    source: Any,
+    arch: str = "amd64",
+    format: str = "oci",
+    compression: str = "gzip",
+) -> ImageSpec:
+    """Build a spec, turning pydantic's errors into one ``InvalidInput`` message."""
+    # Check names one by one first so the message names the offending package.
+    for name in packages:
+        names.check_package_name(name)
+    try:
+        return ImageSpec(
+            packages=tuple(packages),
+            source=source,
+            arch=arch,
+            format=format,
+            compression=compression,
+        )
+    except ValidationError as exc:
+        problems = "; ".join(
+            ".".join(str(part) for part in err["loc"]) + (": " if err["loc"] else "")
+            + err["msg"].removeprefix("Value error, ")
+            for err in exc.errors()
+        )  # fmt: skip
+        raise InvalidInput(f"invalid image spec: {problems}") from exc
+    except ValueError as exc:
+        raise InvalidInput(f"invalid image spec: {exc}") from exc

@@ -1,0 +1,115 @@
+"""The storage layout every component shares: where build results and tags live, and the
+two writes whose order the gc protocol depends on.
+
+Imports digest, errors, result, storage's interface and gc; never Nix or the build
+pipeline, so the registry and the operator read and write the same keys as the builder
+without importing it. The layout (docs/architecture.md#storage-layout):
+
+    builds/<build key>               the build result (JSON), or the error
+    tags/<repository>/_tags/<tag>    the manifest digest a tag points at
+"""
+
+from __future__ import annotations
+
+from niximage_core import gc, reference
+from niximage_core.digest import Digest
+from niximage_core.errors import InvalidInput, StorageError
+from niximage_core.result import BuildResult
+from niximage_core.storage.base import Storage, check_key
+
+
+def build_key_path(key: str) -> str:
+    return check_key(f"builds/{key}")
+
+
+TAGS_DIR = "_tags"
+"""Between repository and tag: no repository component can be ``_tags`` (the name grammar
+starts components with a letter or digit), so ``shell`` tag ``git`` and ``shell/git`` tag
+``latest`` never collide, and a key is never also a directory on the filesystem backend."""
+
+
+def tag_prefix(repository: str) -> str:
+    """``tags/<repository>/_tags/``: every tag of one repository is listed under it."""
+    reference.check_repository(repository)
+    return f"tags/{repository}/{TAGS_DIR}/"
+
+
+def tag_path(repository: str, tag: str) -> str:
+    reference.check_tag(tag)
+    return check_key(tag_prefix(repository) + tag)
+
+
+def list_tags(storage: Storage, repository: str) -> list[str]:
+    """The repository's tags, sorted (the registry's ``tags/list``)."""
+    prefix = tag_prefix(repository)
+    return sorted(
+        key[len(prefix) :] for key in storage.list(prefix) if "/" not in key[len(prefix) :]
+    )
+
+
+def cached_result(storage: Storage, key: str) -> BuildResult | None:
+    """A stored *successful* result whose blobs all still exist, else None.
+
+    The blobs are touched, so gc spares them for its grace period: time to tag the image.
+    """
+    raw = storage.read(build_key_path(key))
+    if raw is None:
+        return None
+    try:
+        result = BuildResult.from_json(raw)
+    except ValueError:
+        return None
+    if not result.ok or result.manifestDigest is None:
+        return None
+    try:
+        digests = gc.result_digests(result)
+    except InvalidInput:
+        return None
+    if gc.touch_all(storage, digests):
+        return None  # garbage-collected: build again
+    return result
+
+
+def record_tag(storage: Storage, repository: str, tag: str, result: BuildResult) -> None:
+    """Point ``repository:tag`` at the result's manifest (after all its blobs exist).
+
+    Then touches every blob of the image (rule W4 of ``gc``): if a gc removed one since the
+    build, ``StorageError`` is raised and the tag is put back as it was (or deleted), so that
+    a tag never names a missing blob; building again repairs the image.
+    """
+    if not result.ok or result.manifestDigest is None:
+        raise InvalidInput("cannot tag a failed build")
+    path = tag_path(repository, tag)
+    previous = storage.read(path)
+    storage.write(path, result.manifestDigest.encode())
+    gc.checkpoint("build.tagged", key=path)
+    manifest_digest, *rest = gc.result_digests(result)
+    # The manifest first: gc's safety argument needs it touched before what it names.
+    missing = gc.touch_all(storage, [manifest_digest]) or gc.touch_all(storage, rest)
+    if not missing:
+        return
+    _put_back(storage, path, previous)
+    raise StorageError(
+        f"cannot tag {repository}:{tag}: blob {missing[0]} of the image was garbage-collected "
+        "since it was built; build it again"
+    )
+
+
+def _put_back(storage: Storage, path: str, previous: bytes | None) -> None:
+    """Restore a tag's old value if its image is whole, else delete the tag. While the tag
+    named the new image the old one was unreferenced, so gc may have taken it: the restore
+    is checked like any tag write (written first, then touched)."""
+    try:
+        old = Digest.parse(previous.decode().strip()) if previous is not None else None
+    except (UnicodeDecodeError, InvalidInput):
+        old = None
+    if old is not None and previous is not None:
+        storage.write(path, previous)
+        if not gc.touch_image(storage, old):
+            return
+    storage.delete(path)
+
+
+def read_tag(storage: Storage, repository: str, tag: str) -> Digest | None:
+    raw = storage.read(tag_path(repository, tag))
+    return Digest.parse(raw.decode().strip()) if raw is not None else None

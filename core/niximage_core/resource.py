@@ -1,0 +1,114 @@
+"""The NixImage resource as a user writes it (``kubectl apply -f``), parsed with pydantic.
+
+Pure; imports imagespec, sources, names, reference. The CLI's ``build -f`` and the
+operator read the same file the same way, so a manifest that builds locally builds in
+the cluster.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from niximage_core import imagespec, names, reference, sources
+from niximage_core.errors import InvalidInput
+
+API_VERSION = "niximage.dev/v1alpha1"
+KIND = "NixImage"
+
+
+class NixImageSpec(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    packages: list[str] = Field(min_length=1)
+    arch: imagespec.Arch = "amd64"
+    tag: str = "latest"
+    packageSource: dict[str, Any] | None = None
+    """The CRD's object form only ({type: nixpkgs, channel: …}): a file that builds here
+    must also be accepted by the API server. The text form is for ``--package-source``."""
+    format: imagespec.ManifestFormat = "oci"
+    compression: imagespec.Compression = "gzip"
+
+    @field_validator("packages")
+    @classmethod
+    def _packages(cls, value: list[str]) -> list[str]:
+        for name in value:
+            names.check_package_name(name)
+        if len(set(value)) != len(value):
+            raise ValueError("packages must not repeat")
+        return value
+
+    @field_validator("packageSource", mode="before")
+    @classmethod
+    def _source(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            raise ValueError(
+                f"packageSource is an object, e.g. {{type: nixpkgs, channel: nixos-24.05}}, "
+                f"not {value[:80]!r} (the text form is for --package-source)"
+            )
+        return value
+
+    @field_validator("tag")
+    @classmethod
+    def _tag(cls, value: str) -> str:
+        return reference.check_tag(value)
+
+
+class Metadata(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    name: str
+    namespace: str | None = None
+
+
+class NixImage(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    apiVersion: Literal["niximage.dev/v1alpha1"]
+    kind: Literal["NixImage"]
+    metadata: Metadata
+    spec: NixImageSpec
+
+    def image_spec(self, default_source: str) -> imagespec.ImageSpec:
+        source = sources.parse_source(self.spec.packageSource or default_source)
+        return imagespec.make_spec(
+            self.spec.packages,
+            source,
+            arch=self.spec.arch,
+            format=self.spec.format,
+            compression=self.spec.compression,
+        )
+
+    @property
+    def repository(self) -> str:
+        """``<namespace>/<name>`` in a cluster; ``<name>`` for a file with no namespace."""
+        parts = [p for p in (self.metadata.namespace, self.metadata.name) if p]
+        return reference.check_repository("/".join(parts))
+
+
+def parse_resource(data: Any) -> NixImage:
+    try:
+        return NixImage.model_validate(data)
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in err['loc'])}: {err['msg']}" for err in exc.errors()
+        )
+        raise InvalidInput(f"invalid NixImage: {problems}") from exc
+    except InvalidInput as exc:
+        raise InvalidInput(f"invalid NixImage: {exc}") from exc
+
+
+def load_file(path: str) -> NixImage:
+    try:
+        with open(path) as stream:
+            documents = [d for d in yaml.safe_load_all(stream) if d is not None]
+    except OSError as exc:
+        raise InvalidInput(f"cannot read {path}: {exc.strerror}") from exc
+    except yaml.YAMLError as exc:
+        raise InvalidInput(f"{path} is not valid YAML: {exc}") from exc
+    images = [d for d in documents if isinstance(d, dict) and d.get("kind") == KIND]
+    if len(images) != 1:
+        raise InvalidInput(f"{path} must hold exactly one NixImage, found {len(images)}")
+    return parse_resource(images[0])

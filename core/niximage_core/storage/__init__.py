@@ -1,0 +1,2 @@
+"""Storage backends behind one interface (``base.Storage``); layout in
+docs/architecture.md#storage-layout."""

@@ -1,0 +1,218 @@
+"""Pull authentication: the distribution token flow, with HMAC-signed tokens. No aiohttp.
+
+Off unless users are configured. Then:
+
+1. Any ``/v2/…`` request without valid credentials gets 401 ``UNAUTHORIZED`` with
+   ``WWW-Authenticate: Bearer realm="<base>/token",service="<service>"[,scope="repository:
+   <name>:pull"]``, before storage is consulted, so a 401 says nothing about what exists.
+2. The client asks the token endpoint (``GET /token?service=&scope=``, Basic credentials;
+   or containerd's ``POST`` password grant) and gets ``token``/``access_token``, valid
+   ``token_ttl`` seconds (≥ 60, as the token spec requires).
+3. It retries with ``Authorization: Bearer <token>``.
+
+A token is ``base64url(claims).base64url(HMAC-SHA256(secret, that))``: the registry is its
+own token server, so a shared secret is all it takes (stdlib ``hmac``, no JWT library).
+Replicas behind one Service must share the secret (``--auth-secret-file``); a random one
+is made per process otherwise.
+
+Policy: a known user may pull every repository; anonymous clients may pull only with
+``anonymous_pull``; nobody is granted push or delete (the registry cannot do them). Basic
+credentials are also accepted directly on ``/v2/`` for simple clients (curl, scripts):
+the flow above is what docker, containerd and containers/image use, and Basic costs no
+round trip; disable with ``allow_basic=False``.
+
+Users come from a file of ``user:password`` lines or a directory with one file per user
+whose content is the password (a Kubernetes Secret mounted as a volume; the ``..data``
+entries Kubernetes adds are skipped).
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import hmac
+import json
+import secrets
+import time
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from niximage_core import reference
+from niximage_core.errors import InvalidInput
+
+MIN_TTL = 60
+
+
+@dataclass(frozen=True)
+class AuthSettings:
+    users: Mapping[str, str]
+    secret: bytes = field(default_factory=lambda: secrets.token_bytes(32), repr=False)
+    service: str = "niximage"
+    realm: str | None = None
+    """Token endpoint URL; None: ``<scheme>://<Host header>/token`` of each request."""
+    anonymous_pull: bool = False
+    token_ttl: int = 300
+    allow_basic: bool = True
+
+
+@dataclass(frozen=True)
+class Grant:
+    subject: str
+    """The user name, or "" for anonymous."""
+    repositories: frozenset[str]
+
+
+def load_users(path: str | Path) -> dict[str, str]:
+    """Users and passwords from a ``user:password`` file or a Secret-style directory."""
+    location = Path(path)
+    users: dict[str, str] = {}
+    if location.is_dir():
+        for entry in sorted(location.iterdir()):
+            if entry.name.startswith(".") or not entry.is_file():
+                continue
+            users[entry.name] = entry.read_text().rstrip("\r\n")
+    else:
+        for number, line in enumerate(location.read_text().splitlines(), 1):
+            if not line.strip() or line.lstrip().startswith("#"):
+                continue
+            user, sep, password = line.partition(":")
+            if not sep or not user:
+                raise InvalidInput(f"{location}:{number}: expected user:password")
+            users[user] = password
+    for user, password in users.items():
+        if not password:
+            raise InvalidInput(f"user {user!r} in {location} has an empty password")
+    if not users:
+        raise InvalidInput(f"no users in {location}")
+    return users
+
+
+def load_secret(path: str | Path) -> bytes:
+    data = Path(path).read_bytes().strip()
+    if len(data) < 16:
+        raise InvalidInput(f"token secret in {path} is shorter than 16 bytes")
+    return data
+
+
+class Authenticator:
+    """Checks credentials and tokens; issues tokens. Knows nothing of HTTP frameworks."""
+
+    def __init__(self, settings: AuthSettings) -> None:
+        if settings.token_ttl < MIN_TTL:
+            raise InvalidInput(f"token lifetime must be at least {MIN_TTL} s")
+        self.settings = settings
+        # Compare digests of passwords: equal length inputs for compare_digest.
+        self._users = {
+            user: hashlib.sha256(password.encode()).digest()
+            for user, password in settings.users.items()
+        }
+
+    # credentials
+
+    def check_password(self, user: str, password: str) -> bool:
+        expected = self._users.get(user)
+        given = hashlib.sha256(password.encode()).digest()
+        if expected is None:
+            hmac.compare_digest(given, given)  # same work for unknown users
+            return False
+        return hmac.compare_digest(expected, given)
+
+    def basic_user(self, header: str | None) -> str | None:
+        """The user of a valid ``Authorization: Basic`` header, else None."""
+        if not header or header[:6].lower() != "basic ":
+            return None
+        try:
+            decoded = base64.b64decode(header[6:].strip(), validate=True).decode()
+        except (binascii.Error, UnicodeDecodeError):
+            return None
+        user, sep, password = decoded.partition(":")
+        return user if sep and self.check_password(user, password) else None
+
+    # tokens
+
+    def issue(self, subject: str, repositories: Iterable[str]) -> dict[str, object]:
+        now = int(time.time())
+        claims = {
+            "sub": subject,
+            "aud": self.settings.service,
+            "iat": now,
+            "exp": now + self.settings.token_ttl,
+            "pull": sorted(set(repositories)),
+        }
+        payload = _b64(json.dumps(claims, separators=(",", ":")).encode())
+        token = f"{payload}.{_b64(self._sign(payload))}"
+        issued = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(now))
+        return {
+            "token": token,
+            "access_token": token,
+            "expires_in": self.settings.token_ttl,
+            "issued_at": issued,
+        }
+
+    def verify(self, token: str) -> Grant | None:
+        payload, sep, signature = token.partition(".")
+        if not sep or len(token) > 16384:
+            return None
+        try:
+            given = _unb64(signature)
+        except (binascii.Error, ValueError):
+            return None
+        if not hmac.compare_digest(self._sign(payload), given):
+            return None
+        try:
+            claims = json.loads(_unb64(payload))
+            expired = int(claims["exp"]) < time.time()
+            wrong_service = claims["aud"] != self.settings.service
+            grant = Grant(str(claims["sub"]), frozenset(claims["pull"]))
+        except (ValueError, KeyError, TypeError, binascii.Error):
+            return None
+        return None if expired or wrong_service else grant
+
+    def _sign(self, payload: str) -> bytes:
+        return hmac.new(self.settings.secret, payload.encode(), hashlib.sha256).digest()
+
+    # policy
+
+    def grant(self, user: str | None, scopes: Iterable[str]) -> list[str]:
+        """Repositories to grant pull on: the pull scopes asked for, if the caller may pull.
+
+        ``user`` is None for anonymous callers. Other actions and resource types are left
+        out (the token spec: grant the intersection, not an error).
+        """
+        if user is None and not self.settings.anonymous_pull:
+            return []
+        granted = []
+        for scope in scopes:
+            for item in scope.split():
+                resource, _, actions = item.rpartition(":")
+                kind, _, name = resource.partition(":")
+                if kind != "repository" or "pull" not in actions.split(","):
+                    continue
+                try:
+                    granted.append(reference.check_repository(name))
+                except InvalidInput:
+                    continue
+        return granted
+
+    def allows(self, grant: Grant, repository: str | None) -> bool:
+        return repository is None or repository in grant.repositories
+
+    def challenge(self, realm: str, repository: str | None, error: str | None = None) -> str:
+        parts = [f'Bearer realm="{realm}"', f'service="{self.settings.service}"']
+        if repository is not None:
+            parts.append(f'scope="repository:{repository}:pull"')
+        if error is not None:
+            parts.append(f'error="{error}"')
+        return ",".join(parts)
+
+
+def _b64(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
+
+
+def _unb64(text: str) -> bytes:
+    if len(text) > 16384:
+        raise ValueError("too long")
+    return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))

@@ -1,0 +1,243 @@
+"""What the registry reads from storage, behind small caches, off the event loop.
+
+Storage calls are blocking (files, GCS over HTTP), so each runs in a dedicated thread pool,
+never the loop and never the build pool. Three caches keep storage out of the hot path of a
+pull (a kubelet asks for the same manifest by tag and then by digest, nodes pull in waves):
+
+- tag → digest, for ``tag_ttl`` seconds (default 1 s): a moved tag is seen within that
+  time, in every replica, with no invalidation protocol;
+- digest → manifest bytes (and media type), verified once against the digest: content
+  addressed, so immutable; bounded in bytes and kept ``manifest_ttl`` seconds so that a
+  manifest removed by garbage collection stops being served;
+- repository → exists, for ``repository_ttl`` seconds (positive answers only: a new
+  repository is seen at once).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+from concurrent.futures import Executor
+from dataclasses import dataclass
+from typing import BinaryIO, Generic, TypeVar
+
+from niximage_core import layout, manifest
+from niximage_core.digest import Digest
+from niximage_core.errors import InvalidInput, NotFound, StorageError
+from niximage_core.storage.base import Storage
+from niximage_registry.errors import Code, RegistryError
+
+log = logging.getLogger(__name__)
+
+MAX_MANIFEST = 4 * 1024 * 1024
+"""Bigger blobs are never manifests (containerd refuses > ~4.4 MB): not read into memory."""
+
+K = TypeVar("K")
+V = TypeVar("V")
+T = TypeVar("T")
+
+
+class TtlCache(Generic[K, V]):
+    """A bounded LRU whose entries expire; one event loop uses it, so no lock."""
+
+    def __init__(
+        self,
+        ttl: float,
+        max_entries: int,
+        weigh: Callable[[V], int] | None = None,
+        max_weight: int = 0,
+    ) -> None:
+        self.ttl = ttl
+        self.max_entries = max_entries
+        self._weigh = weigh
+        self._max_weight = max_weight
+        self._weight = 0
+        self._items: OrderedDict[K, tuple[float, V]] = OrderedDict()
+
+    def get(self, key: K) -> V | None:
+        item = self._items.get(key)
+        if item is None:
+            return None
+        if item[0] < time.monotonic():
+            self.pop(key)
+            return None
+        self._items.move_to_end(key)
+        return item[1]
+
+    def put(self, key: K, value: V) -> None:
+        if self.ttl <= 0:
+            return
+        self.pop(key)
+        self._items[key] = (time.monotonic() + self.ttl, value)
+        self._weight += self._weigh(value) if self._weigh else 0
+        while len(self._items) > self.max_entries or (
+            self._weigh and self._weight > self._max_weight and len(self._items) > 1
+        ):
+            self.pop(next(iter(self._items)))
+
+    def pop(self, key: K) -> None:
+        item = self._items.pop(key, None)
+        if item is not None and self._weigh:
+            self._weight -= self._weigh(item[1])
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+
+@dataclass(frozen=True)
+class Manifest:
+    digest: Digest
+    data: bytes
+    media_type: str
+
+
+@dataclass
+class LocalBlob:
+    """An open blob file: the registry sends it with ``sendfile``."""
+
+    file: BinaryIO
+    size: int
+
+
+@dataclass(frozen=True)
+class CacheSettings:
+    tag_ttl: float = 1.0
+    manifest_ttl: float = 300.0
+    manifest_bytes: int = 64 * 1024 * 1024
+    repository_ttl: float = 10.0
+
+
+class Content:
+    """Async, cached reads of tags, manifests, repositories and blobs."""
+
+    def __init__(
+        self,
+        storage: Storage,
+        executor: Executor,
+        cache: CacheSettings | None = None,
+        on_cache: Callable[[str, bool], None] | None = None,
+    ) -> None:
+        self.storage = storage
+        self._executor = executor
+        cache = cache or CacheSettings()
+        self._tags: TtlCache[tuple[str, str], Digest] = TtlCache(cache.tag_ttl, 100_000)
+        self._manifests: TtlCache[Digest, Manifest] = TtlCache(
+            cache.manifest_ttl, 100_000, lambda m: len(m.data), cache.manifest_bytes
+        )
+        self._repositories: TtlCache[str, bool] = TtlCache(cache.repository_ttl, 100_000)
+        self._on_cache = on_cache or (lambda _cache, _hit: None)
+
+    async def run(self, function: Callable[..., T], *args: object) -> T:
+        """Run a blocking storage call in the storage pool; outages become 503."""
+        loop = asyncio.get_running_loop()
+        try:
+            return await loop.run_in_executor(self._executor, function, *args)
+        except StorageError as exc:
+            log.error("storage error: %s", exc)
+            raise RegistryError(
+                Code.UNAVAILABLE,
+                "storage is unavailable; retry later",
+                headers={"Retry-After": "5"},
+            ) from exc
+
+    # tags and repositories
+
+    async def tag(self, repository: str, tag: str) -> Digest | None:
+        key = (repository, tag)
+        digest = self._tags.get(key)
+        self._on_cache("tag", digest is not None)
+        if digest is None:
+            digest = await self.run(self._read_tag, repository, tag)
+            if digest is not None:
+                self._tags.put(key, digest)
+        return digest
+
+    def remember_tag(self, repository: str, tag: str, digest: Digest) -> None:
+        """Seed the cache after this process recorded a tag (on-demand builds)."""
+        self._tags.put((repository, tag), digest)
+        self._repositories.put(repository, True)
+
+    def _read_tag(self, repository: str, tag: str) -> Digest | None:
+        try:
+            return layout.read_tag(self.storage, repository, tag)
+        except InvalidInput:
+            log.error("tag %s:%s in %s does not hold a digest", repository, tag, self.storage.url)
+            return None
+
+    async def repository_exists(self, repository: str) -> bool:
+        """A repository exists while it has at least one tag."""
+        if self._repositories.get(repository):
+            self._on_cache("repository", True)
+            return True
+        self._on_cache("repository", False)
+        exists = bool(await self.run(self._list_tags, repository, 1))
+        if exists:
+            self._repositories.put(repository, True)
+        return exists
+
+    async def tags(self, repository: str) -> list[str]:
+        return await self.run(self._list_tags, repository, None)
+
+    def _list_tags(self, repository: str, limit: int | None) -> list[str]:
+        """This repository's tags (``tags/<repository>/_tags/<tag>``, see ``layout.tag_path``)."""
+        if limit is None:
+            return layout.list_tags(self.storage, repository)
+        prefix = layout.tag_prefix(repository)
+        found: list[str] = []
+        for key in self.storage.list(prefix):
+            if "/" not in key[len(prefix) :]:
+                found.append(key[len(prefix) :])
+                if len(found) >= limit:
+                    break
+        return found
+
+    # manifests
+
+    async def manifest(self, digest: Digest) -> Manifest | None:
+        """The stored manifest with this digest, verified; None if absent or not a manifest."""
+        cached = self._manifests.get(digest)
+        self._on_cache("manifest", cached is not None)
+        if cached is not None:
+            return cached
+        found = await self.run(self._read_manifest, digest)
+        if found is not None:
+            self._manifests.put(digest, found)
+        return found
+
+    def _read_manifest(self, digest: Digest) -> Manifest | None:
+        size = self.storage.blob_size(digest)
+        if size is None or size > MAX_MANIFEST:
+            return None
+        try:
+            with self.storage.open_blob(digest) as stream:
+                data = stream.read(MAX_MANIFEST + 1)
+        except NotFound:
+            return None
+        if Digest.of(data) != digest:
+            # Never serve bytes that do not hash to the digest the client will check.
+            log.error("blob %s in %s does not match its digest", digest, self.storage.url)
+            raise StorageError(f"blob {digest} is corrupt")
+        media_type = manifest.media_type_of(data)
+        return Manifest(digest, data, media_type) if media_type else None
+
+    # blobs
+
+    async def blob_size(self, digest: Digest) -> int | None:
+        return await self.run(self.storage.blob_size, digest)
+
+    async def open_file(self, path: str, digest: Digest) -> LocalBlob | None:
+        """The blob at ``path`` (``storage.blob_delivery``'s) as an open file, or None."""
+        return await self.run(self._open_file, path, digest)
+
+    def _open_file(self, path: str, digest: Digest) -> LocalBlob | None:
+        try:
+            file = open(path, "rb")  # noqa: SIM115 (closed by the response)
+        except FileNotFoundError:
+            return None  # garbage-collected since
+        except OSError as exc:
+            raise StorageError(f"cannot open blob {digest}: {exc.strerror or exc}") from exc
+        return LocalBlob(file, os.fstat(file.fileno()).st_size)

@@ -1,0 +1,253 @@
+"""The registry's HTTP handlers: ``/v2/…``, the token endpoint, health and metrics.
+
+Handlers raise ``RegistryError``; the middleware in ``app`` renders it. Order of checks on
+``/v2/``: the path's grammar (400, purely syntactic) → authentication (401, before any
+storage read, so a 401 reveals nothing) → method (405 for push and delete) → storage.
+
+Repository scope of blobs and manifests by digest: content is content-addressed and
+shared, and the registry keeps no per-repository links (it is stateless and reads only
+``tags/``). A digest is served under ``<name>`` when ``<name>`` is a *known* repository (it
+has at least one tag) and the content exists. Unknown repositories answer 404
+``NAME_UNKNOWN`` to everything, so a name never probes content. Not checked: that the
+digest is reachable from ``<name>``'s *current* tags. Distribution can check that because
+it keeps every link ever pushed; reachability from current tags alone would break pulls
+by digest of images whose tag has moved on (pods pinned to ``@sha256:…`` on a new node).
+The cost: whoever may pull one repository can fetch a blob of another *if it already
+knows its sha256*, which it can only learn from a manifest it was allowed to read.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from urllib.parse import quote
+
+from aiohttp import web
+
+from niximage_registry import auth, paths
+from niximage_registry.blobs import Blobs
+from niximage_registry.content import Content, Manifest
+from niximage_registry.errors import Code, RegistryError, unsupported
+from niximage_registry.metrics import Metrics
+from niximage_registry.ondemand import OnDemand
+
+READ = ("GET", "HEAD")
+ROUTE = web.RequestKey("route", str)
+"""Which route answered (a metrics label and an access-log field)."""
+USER = web.RequestKey("user", str)
+"""The authenticated user ("" for anonymous tokens)."""
+API_VERSION = {"Docker-Distribution-Api-Version": "registry/2.0"}
+MAX_PAGE = 10_000
+_HOST = re.compile(r"[A-Za-z0-9.\-]{1,253}(:[0-9]{1,5})?|\[[0-9A-Fa-f:.]{2,45}\](:[0-9]{1,5})?")
+
+
+class Registry:
+    """Handlers over one storage; optional authentication and on-demand builds."""
+
+    def __init__(
+        self,
+        content: Content,
+        blobs: Blobs,
+        metrics: Metrics,
+        authenticator: auth.Authenticator | None = None,
+        ondemand: OnDemand | None = None,
+    ) -> None:
+        self.content = content
+        self.blobs = blobs
+        self.metrics = metrics
+        self.auth = authenticator
+        self.ondemand = ondemand
+
+    # /v2/…
+
+    async def v2(self, request: web.Request) -> web.StreamResponse:
+        target = paths.parse(request.path)
+        request[ROUTE] = target.kind.value
+        if self.auth is not None:
+            request[USER] = self._authenticate(request, target)
+        kind = target.kind
+        if kind is paths.Kind.UPLOAD:
+            raise unsupported("")
+        if request.method not in READ:
+            raise unsupported("GET" if kind is paths.Kind.TAGS else "GET, HEAD")
+        if kind is paths.Kind.BASE:
+            return web.json_response({}, headers=API_VERSION)
+        if kind is paths.Kind.MANIFEST:
+            return await self.manifest(request, target)
+        if kind is paths.Kind.BLOB:
+            return await self.blob(request, target)
+        if kind is paths.Kind.TAGS:
+            return await self.tags(request, target)
+        # Referrers API not implemented: a 404 makes clients use the tag schema instead.
+        raise paths.no_route()
+
+    async def manifest(self, request: web.Request, target: paths.Target) -> web.StreamResponse:
+        name = target.name
+        if target.tag is not None:
+            digest = await self.content.tag(name, target.tag)
+            if digest is None:
+                if self.ondemand is not None and self.ondemand.accepts(target.tag):
+                    digest = await self.ondemand.ensure(name, target.tag)
+                else:
+                    raise await self._unknown_manifest(name, target.reference)
+        else:
+            digest = target.digest
+            assert digest is not None
+            if not await self.content.repository_exists(name):
+                raise unknown_name(name)
+        found = await self.content.manifest(digest)
+        if found is None:
+            raise await self._unknown_manifest(name, target.reference)
+        return self._manifest_response(request, found)
+
+    def _manifest_response(self, request: web.Request, found: Manifest) -> web.Response:
+        etag = f'"{found.digest}"'
+        headers = {
+            "Content-Type": found.media_type,
+            "Docker-Content-Digest": str(found.digest),
+            "ETag": etag,
+        }
+        if request.headers.get("If-None-Match") == etag:
+            return web.Response(status=304, headers=headers)
+        if request.method == "GET":
+            self.metrics.sent("manifest", len(found.data))
+        # Never converted, whatever Accept says: the stored bytes and their own type. For
+        # HEAD aiohttp sends the body's true Content-Length, and no body.
+        return web.Response(body=found.data, headers=headers)
+
+    async def _unknown_manifest(self, name: str, ref: str) -> RegistryError:
+        if not await self.content.repository_exists(name):
+            return unknown_name(name)
+        return RegistryError(
+            Code.MANIFEST_UNKNOWN,
+            f"manifest {name}:{ref} is unknown",
+            {"name": name, "reference": ref},
+        )
+
+    async def blob(self, request: web.Request, target: paths.Target) -> web.StreamResponse:
+        assert target.digest is not None
+        if not await self.content.repository_exists(target.name):
+            raise unknown_name(target.name)
+        if request.method == "HEAD":
+            return await self.blobs.head(target.digest)
+        return await self.blobs.get(request, target.digest)
+
+    async def tags(self, request: web.Request, target: paths.Target) -> web.Response:
+        """Sorted tags with ``n``/``last`` paging and a ``Link`` to the next page."""
+        tags = sorted(await self.content.tags(target.name))
+        if not tags:
+            raise unknown_name(target.name)
+        last = request.query.get("last")
+        if last:
+            tags = [t for t in tags if t > last]
+        headers: dict[str, str] = {}
+        size = request.query.get("n")
+        if size is not None:
+            limit = page_size(size)
+            if len(tags) > limit:
+                tags = tags[:limit]
+                if tags:
+                    query = f"n={limit}&last={quote(tags[-1], safe='')}"
+                    headers["Link"] = f'</v2/{target.name}/tags/list?{query}>; rel="next"'
+        body = json.dumps({"name": target.name, "tags": tags}).encode()
+        return web.Response(body=body, content_type="application/json", headers=headers)
+
+    # authentication
+
+    def _authenticate(self, request: web.Request, target: paths.Target) -> str:
+        """The caller's name ("" for anonymous), or raise 401 with the challenge."""
+        assert self.auth is not None
+        repository = target.name or None
+        header = request.headers.get("Authorization", "")
+        error = None
+        if header[:7].lower() == "bearer ":
+            grant = self.auth.verify(header[7:].strip())
+            if grant is not None and self.auth.allows(grant, repository):
+                return grant.subject
+            error = "invalid_token" if grant is None else "insufficient_scope"
+        elif header and self.auth.settings.allow_basic:
+            user = self.auth.basic_user(header)
+            if user is not None:
+                return user
+        realm = self.auth.settings.realm or f"{_scheme(request)}://{_safe_host(request)}/token"
+        raise RegistryError(
+            Code.UNAUTHORIZED,
+            "authentication required",
+            {"scope": f"repository:{repository}:pull"} if repository else None,
+            headers={"WWW-Authenticate": self.auth.challenge(realm, repository, error)},
+        )
+
+    async def token(self, request: web.Request) -> web.Response:
+        """The token endpoint: GET with Basic credentials, or containerd's POST grant."""
+        request[ROUTE] = "token"
+        assert self.auth is not None
+        if request.method == "GET":
+            scopes = request.query.getall("scope", [])
+            header = request.headers.get("Authorization")
+            user = self.auth.basic_user(header) if header else None
+            if header and user is None:
+                raise self._bad_credentials()
+        elif request.method == "POST":
+            form = await request.post()
+            if form.get("grant_type") != "password":
+                raise RegistryError(Code.UNSUPPORTED, "only the password grant", status=400)
+            user = str(form.get("username", ""))
+            if not self.auth.check_password(user, str(form.get("password", ""))):
+                raise self._bad_credentials()
+            scopes = [str(s) for s in form.getall("scope", [])]
+        else:
+            raise unsupported("GET, POST")
+        if user is None and not self.auth.settings.anonymous_pull:
+            raise self._bad_credentials()
+        granted = self.auth.grant(user, scopes)
+        return web.json_response(self.auth.issue(user or "", granted))
+
+    def _bad_credentials(self) -> RegistryError:
+        service = self.auth.settings.service if self.auth else ""
+        return RegistryError(
+            Code.UNAUTHORIZED,
+            "invalid or missing credentials",
+            headers={"WWW-Authenticate": f'Basic realm="{service}"'},
+        )
+
+    # operations
+
+    async def healthz(self, request: web.Request) -> web.Response:
+        request[ROUTE] = "healthz"
+        return web.json_response({"status": "ok"})
+
+    async def metrics_page(self, request: web.Request) -> web.Response:
+        request[ROUTE] = "metrics"
+        return web.Response(
+            body=self.metrics.exposition(), headers={"Content-Type": "text/plain; version=0.0.4"}
+        )
+
+
+def _scheme(request: web.Request) -> str:
+    """The scheme the client used: a TLS-terminating proxy (an Ingress, a load balancer) says
+    it in X-Forwarded-Proto. Trusting it is harmless: the realm only goes back to the same
+    client, which can at most mislead itself."""
+    forwarded = request.headers.get("X-Forwarded-Proto", "").split(",")[0].strip().lower()
+    return forwarded if forwarded in ("http", "https") else request.scheme
+
+
+def _safe_host(request: web.Request) -> str:
+    """The Host header for the default realm, if it cannot break out of the quotes."""
+    host = request.host
+    return host if _HOST.fullmatch(host) else "localhost"
+
+
+def page_size(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if not 0 <= value <= MAX_PAGE or len(text) > 6:
+        raise RegistryError(
+            Code.PAGINATION_NUMBER_INVALID, f"n must be an integer from 0 to {MAX_PAGE}"
+        )
+    return value
+
+
+def unknown_name(name: str) -> RegistryError:
+    return RegistryError(Code.NAME_UNKNOWN, f"repository {name} is unknown", {"name": name})
