@@ -75,12 +75,14 @@ def make_app(storage: Storage, settings: AppSettings | None = None) -> web.Appli
     app = web.Application(middlewares=[_middleware(metrics)], client_max_size=64 * 1024)
     app[REGISTRY] = registry
     app.router.add_route("*", "/v2", registry.v2)
-    app.router.add_route("*", "/v2/{path:.*}", registry.v2)
+    # [\s\S], not ".": a percent-decoded newline in a name must reach the name check (400
+    # NAME_INVALID), not miss the route (404).
+    app.router.add_route("*", r"/v2/{path:[\s\S]*}", registry.v2)
     if authenticator is not None:
         app.router.add_route("*", "/token", registry.token)
     app.router.add_route("*", "/healthz", _read_only(registry.healthz))
     app.router.add_route("*", "/metrics", _read_only(registry.metrics_page))
-    app.router.add_route("*", "/{path:.*}", _no_route)
+    app.router.add_route("*", r"/{path:[\s\S]*}", _no_route)
 
     async def lifetime(_app: web.Application) -> AsyncIterator[None]:
         yield

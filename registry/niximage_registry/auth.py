@@ -125,7 +125,7 @@ class Authenticator:
             return None
         try:
             decoded = base64.b64decode(header[6:].strip(), validate=True).decode()
-        except (binascii.Error, UnicodeDecodeError):
+        except ValueError:  # not base64 (non-ASCII text included), or not UTF-8 inside
             return None
         user, sep, password = decoded.partition(":")
         return user if sep and self.check_password(user, password) else None
@@ -153,7 +153,7 @@ class Authenticator:
 
     def verify(self, token: str) -> Grant | None:
         payload, sep, signature = token.partition(".")
-        if not sep or len(token) > 16384:
+        if not sep or len(token) > 16384 or not token.isascii():
             return None
         try:
             given = _unb64(signature)
@@ -162,8 +162,10 @@ class Authenticator:
         if not hmac.compare_digest(self._sign(payload), given):
             return None
         try:
-            claims = json.loads(_unb64(payload))
-            expired = int(claims["exp"]) < time.time()
+            claims = json.loads(_unb64(payload), parse_constant=_no_constant)
+            if type(claims["exp"]) is not int:  # never Infinity, NaN, 1e999 or true
+                return None
+            expired = claims["exp"] < time.time()
             wrong_service = claims["aud"] != self.settings.service
             grant = Grant(str(claims["sub"]), frozenset(claims["pull"]))
         except (ValueError, KeyError, TypeError, binascii.Error):
@@ -206,6 +208,10 @@ class Authenticator:
         if error is not None:
             parts.append(f'error="{error}"')
         return ",".join(parts)
+
+
+def _no_constant(name: str) -> None:
+    raise ValueError(f"{name} is no JSON number")
 
 
 def _b64(data: bytes) -> str:

@@ -188,7 +188,10 @@ class Registry:
             if header and user is None:
                 raise self._bad_credentials()
         elif request.method == "POST":
-            form = await request.post()
+            try:
+                form = await request.post()
+            except ValueError:  # a form that is not UTF-8 (UnicodeDecodeError) or malformed
+                raise self._bad_credentials() from None
             if form.get("grant_type") != "password":
                 raise RegistryError(Code.UNSUPPORTED, "only the password grant", status=400)
             user = str(form.get("username", ""))
