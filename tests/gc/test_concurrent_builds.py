@@ -77,7 +77,7 @@ def test_a_layer_deleted_before_the_build_touches_it_is_packed_again(
     """Ordering 2: gc read the (still empty) lease, then deleted a layer the build had just
     found in ``layers/``; the build's touch says missing, and it packs the layer again."""
     # The lease stays empty until the manifest.
-    monkeypatch.setattr(gc.leases, "LEASE_FLUSH", 3600.0)
+    monkeypatch.setattr(gc.roots, "LEASE_FLUSH", 3600.0)
     one = old_untagged_image(store, fake_nix)
     gate = Gate("build.reuse")
     hooks(gate)
@@ -98,7 +98,7 @@ def test_a_touch_racing_the_delete_never_leaves_a_hole(
     """Ordering 3: the build touches a layer after gc checked it and before gc deletes it.
     The filesystem's lock makes the touch wait and then see the blob gone; on GCS the delete's
     generation precondition fails. Either way the image ends up whole."""
-    monkeypatch.setattr(gc.leases, "LEASE_FLUSH", 3600.0)
+    monkeypatch.setattr(gc.roots, "LEASE_FLUSH", 3600.0)
     old_untagged_image(store, fake_nix)
     reuse = Gate("build.reuse")
     checked = Gate("gc.delete-checked", lambda info: info["digest"] == reuse.info["digest"])

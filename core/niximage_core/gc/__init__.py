@@ -120,13 +120,13 @@ The package, one job a module (each imports only those above it):
 
 - (``niximage_core.checkpoints``: ``checkpoint``, the test hook at the protocol's
   decision points, outside the package so that the storage backends can use it;)
-- ``reading``: storage round trips a few at a time (``READERS``);
-- ``marking``: what a manifest names, and the ``Marker`` that follows it from the roots;
-- ``blobs``: the primitives, dispatched to the storage's own (``touch_blob``,
-  ``delete_blob_if_stale``, ``blob_mtime``, ``recover_trash``, stale uploads), and
-  ``touch_all``, ``touch_image``;
-- ``leases``: ``Lease`` for builds, ``read_leases`` for gc;
-- ``roots``: ``read_roots`` (tags, builds, leases) and ``result_digests``;
+- ``roots``: what gc keeps: storage round trips a few at a time (``READERS``), ``Lease``
+  for builds and ``read_leases`` for gc, ``read_roots`` (tags, builds, leases) and
+  ``result_digests``;
+- ``marking``: what a manifest names, the ``Marker`` that follows it from the roots, and
+  the primitives on one blob, dispatched to the storage's own (``touch_blob``,
+  ``delete_blob_if_stale``, ``blob_mtime``, ``recover_trash``, stale uploads), with
+  ``touch_all`` and ``touch_image``;
 - ``reports``: ``Report``, what a run did;
 - ``collecting``: ``collect``, one run;
 - ``command``: ``niximage gc`` (``add_arguments``, ``run``, ``main``; ``__main__`` for
@@ -139,41 +139,41 @@ project-wide ``niximage_core.checkpoints``, which imports nothing.
 
 This ``__init__`` only re-exports: ``from niximage_core import gc`` then ``gc.collect`` is
 the way in. The names are for reading and calling; a test that patches one patches where it
-is read: the module (``checkpoints.CHECKPOINT``, ``gc.leases.LEASE_FLUSH``) or, for a
+is read: the module (``checkpoints.CHECKPOINT``, ``gc.roots.LEASE_FLUSH``) or, for a
 primitive, the backend class (``GcsStorage.touch_blob``).
 """
 
 from niximage_core.checkpoints import Checkpoint, checkpoint
-from niximage_core.gc.blobs import (
+from niximage_core.gc.collecting import DEFAULT_GRACE, GraceTooShort, collect
+from niximage_core.gc.command import add_arguments, main, run
+from niximage_core.gc.marking import (
+    MANIFEST_LIMIT,
+    BlobInfo,
+    Marker,
+    References,
     blob_mtime,
     count_stale_uploads,
     delete_blob_if_stale,
+    manifest_references,
     purge_stale_uploads,
     recover_trash,
     touch_all,
     touch_blob,
     touch_image,
 )
-from niximage_core.gc.collecting import DEFAULT_GRACE, GraceTooShort, collect
-from niximage_core.gc.command import add_arguments, main, run
-from niximage_core.gc.leases import (
+from niximage_core.gc.reports import Report
+from niximage_core.gc.roots import (
     LEASE_FLUSH,
     LEASE_PREFIX,
     LEASE_TTL,
+    READERS,
     Lease,
     LeaseRecord,
+    Roots,
     read_leases,
+    read_roots,
+    result_digests,
 )
-from niximage_core.gc.marking import (
-    MANIFEST_LIMIT,
-    BlobInfo,
-    Marker,
-    References,
-    manifest_references,
-)
-from niximage_core.gc.reading import READERS
-from niximage_core.gc.reports import Report
-from niximage_core.gc.roots import Roots, read_roots, result_digests
 
 __all__ = [
     "DEFAULT_GRACE",

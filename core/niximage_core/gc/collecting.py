@@ -15,18 +15,17 @@ from concurrent.futures import ThreadPoolExecutor
 from niximage_core.checkpoints import checkpoint
 from niximage_core.digest import Digest
 from niximage_core.errors import InvalidInput, StorageError
-from niximage_core.gc.blobs import (
+from niximage_core.gc.marking import (
+    BlobInfo,
+    Marker,
     blob_mtime,
     count_stale_uploads,
     delete_blob_if_stale,
     purge_stale_uploads,
     recover_trash,
 )
-from niximage_core.gc.leases import LeaseRecord
-from niximage_core.gc.marking import BlobInfo, Marker
-from niximage_core.gc.reading import READERS, read_all
 from niximage_core.gc.reports import Report
-from niximage_core.gc.roots import Roots, read_roots, result_digests
+from niximage_core.gc.roots import READERS, LeaseRecord, Roots, read_all, read_roots, result_digests
 from niximage_core.result import BuildResult
 from niximage_core.storage.base import Storage
 from niximage_core.units import format_duration
