@@ -35,7 +35,8 @@ import hmac
 import json
 import secrets
 import time
-from collections.abc import Iterable, Mapping
+from collections import OrderedDict, deque
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -55,6 +56,10 @@ class AuthSettings:
     anonymous_pull: bool = False
     token_ttl: int = 300
     allow_basic: bool = True
+    failed_login_limit: int = 10
+    """Failed logins one client may make within ``failed_login_window`` seconds; past that,
+    its logins answer 429 until the oldest failure leaves the window."""
+    failed_login_window: float = 60.0
 
 
 @dataclass(frozen=True)
@@ -96,6 +101,51 @@ def load_secret(path: str | Path) -> bytes:
     return data
 
 
+class FailedLogins:
+    """Failed logins per client in a sliding window: guessing passwords costs time.
+
+    Bounded: at most ``max_clients`` clients are remembered (the ones seen longest ago are
+    forgotten first), so a flood of addresses cannot grow memory without end.
+    """
+
+    def __init__(
+        self,
+        limit: int,
+        window: float,
+        clock: Callable[[], float] = time.monotonic,
+        max_clients: int = 100_000,
+    ) -> None:
+        self.limit, self.window, self._clock, self._max = limit, window, clock, max_clients
+        self._failures: OrderedDict[str, deque[float]] = OrderedDict()
+
+    def retry_after(self, client: str) -> float | None:
+        """Seconds this client must wait before its next login, or None."""
+        failures = self._recent(client)
+        if failures is None or len(failures) < self.limit:
+            return None
+        return max(1.0, failures[0] + self.window - self._clock())
+
+    def failed(self, client: str) -> None:
+        failures = self._recent(client) or deque()
+        failures.append(self._clock())
+        self._failures[client] = failures
+        self._failures.move_to_end(client)
+        while len(self._failures) > self._max:
+            self._failures.popitem(last=False)
+
+    def _recent(self, client: str) -> deque[float] | None:
+        failures = self._failures.get(client)
+        if failures is None:
+            return None
+        cutoff = self._clock() - self.window
+        while failures and failures[0] <= cutoff:
+            failures.popleft()
+        if not failures:
+            del self._failures[client]
+            return None
+        return failures
+
+
 class Authenticator:
     """Checks credentials and tokens; issues tokens. Knows nothing of HTTP frameworks."""
 
@@ -103,6 +153,7 @@ class Authenticator:
         if settings.token_ttl < MIN_TTL:
             raise InvalidInput(f"token lifetime must be at least {MIN_TTL} s")
         self.settings = settings
+        self.failed_logins = FailedLogins(settings.failed_login_limit, settings.failed_login_window)
         # Compare digests of passwords: equal length inputs for compare_digest.
         self._users = {
             user: hashlib.sha256(password.encode()).digest()

@@ -51,6 +51,13 @@ from niximage_registry.metrics import Metrics
 
 log = logging.getLogger(__name__)
 
+FAILURE_REASONS = {
+    "EvalError": "the package set could not be evaluated for these packages",
+    "BuildFailed": "a package of the image failed to build",
+    "InvalidInput": "the image name is not a valid package list",
+}
+"""What a client is told of a deterministic failure (the details go to the log)."""
+
 BuildFunction = Callable[[imagespec.ImageSpec, Storage, threading.Event], BuildResult]
 """Build one image into the storage; the event, once set, cancels the build (shutdown)."""
 
@@ -159,11 +166,17 @@ class OnDemand:
             ) from None
         except (NixFailure, InvalidInput) as exc:
             outcome = "failed"
+            # Nix's text names store paths and the builder's system features: the log
+            # keeps it, the client gets the kind of failure.
             log.warning("on-demand build of %s failed: %s", name, exc)
+            reason = FAILURE_REASONS.get(exc.kind, "the build failed")
             raise self._remember(
                 key,
                 RegistryError(
-                    Code.MANIFEST_UNKNOWN, f"building {name} failed: {exc}", {"kind": exc.kind}
+                    Code.MANIFEST_UNKNOWN,
+                    f"building {name} failed: {reason} ({exc.kind}; the registry's log has "
+                    "the details)",
+                    {"kind": exc.kind},
                 ),
             ) from None
         except NixImageError as exc:

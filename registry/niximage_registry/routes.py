@@ -166,9 +166,11 @@ class Registry:
                 return grant.subject
             error = "invalid_token" if grant is None else "insufficient_scope"
         elif header and self.auth.settings.allow_basic:
+            self._throttle(request)
             user = self.auth.basic_user(header)
             if user is not None:
                 return user
+            self.auth.failed_logins.failed(_client(request))
         realm = self.auth.settings.realm or f"{_scheme(request)}://{_safe_host(request)}/token"
         raise RegistryError(
             Code.UNAUTHORIZED,
@@ -181,31 +183,46 @@ class Registry:
         """The token endpoint: GET with Basic credentials, or containerd's POST grant."""
         request[ROUTE] = "token"
         assert self.auth is not None
+        self._throttle(request)
         if request.method == "GET":
             scopes = request.query.getall("scope", [])
             header = request.headers.get("Authorization")
             user = self.auth.basic_user(header) if header else None
             if header and user is None:
-                raise self._bad_credentials()
+                raise self._bad_credentials(request)
         elif request.method == "POST":
             try:
                 form = await request.post()
             except ValueError:  # a form that is not UTF-8 (UnicodeDecodeError) or malformed
-                raise self._bad_credentials() from None
+                raise self._bad_credentials(request) from None
             if form.get("grant_type") != "password":
                 raise RegistryError(Code.UNSUPPORTED, "only the password grant", status=400)
             user = str(form.get("username", ""))
             if not self.auth.check_password(user, str(form.get("password", ""))):
-                raise self._bad_credentials()
+                raise self._bad_credentials(request)
             scopes = [str(s) for s in form.getall("scope", [])]
         else:
             raise unsupported("GET, POST")
         if user is None and not self.auth.settings.anonymous_pull:
-            raise self._bad_credentials()
+            raise self._bad_credentials(request)
         granted = self.auth.grant(user, scopes)
         return web.json_response(self.auth.issue(user or "", granted))
 
-    def _bad_credentials(self) -> RegistryError:
+    def _throttle(self, request: web.Request) -> None:
+        """429 for a client that failed to log in too often of late."""
+        assert self.auth is not None
+        wait = self.auth.failed_logins.retry_after(_client(request))
+        if wait is not None:
+            raise RegistryError(
+                Code.TOOMANYREQUESTS,
+                "too many failed logins; retry later",
+                headers={"Retry-After": str(int(wait + 0.999))},
+            )
+
+    def _bad_credentials(self, request: web.Request) -> RegistryError:
+        """401 for credentials that do not hold; the failure counts against the client."""
+        if self.auth is not None:
+            self.auth.failed_logins.failed(_client(request))
         service = self.auth.settings.service if self.auth else ""
         return RegistryError(
             Code.UNAUTHORIZED,
@@ -254,3 +271,9 @@ def page_size(text: str) -> int:
 
 def unknown_name(name: str) -> RegistryError:
     return RegistryError(Code.NAME_UNKNOWN, f"repository {name} is unknown", {"name": name})
+
+
+def _client(request: web.Request) -> str:
+    """Who to count failed logins against: the peer address (behind a proxy, the proxy's;
+    a trusted proxy header is not taken on faith)."""
+    return request.remote or "?"

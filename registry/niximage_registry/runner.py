@@ -12,12 +12,25 @@ from __future__ import annotations
 from typing import Any
 
 from aiohttp import web, web_protocol, web_server
+from aiohttp.http_exceptions import HttpProcessingError
 
 from niximage_registry import errors
 from niximage_registry.errors import Code, RegistryError
 
 
 class _JsonErrorsHandler(web_protocol.RequestHandler):
+    def log_exception(self, *args: Any, **kw: Any) -> None:
+        """A request the HTTP parser refused is the client's fault: one line at WARNING,
+        no traceback (a flood of bad requests must not flood the log). Anything else is
+        ours, with its traceback."""
+        error = kw.get("exc_info")
+        if isinstance(error, HttpProcessingError):
+            remote = args[1] if len(args) > 1 else "?"
+            message = str(error.message or type(error).__name__).splitlines()[0][:200]
+            self.logger.warning("refused a malformed request from %s: %s", remote, message)
+            return
+        super().log_exception(*args, **kw)
+
     def handle_error(
         self,
         request: Any,

@@ -118,3 +118,49 @@ async def test_a_newline_in_a_tag_is_tag_invalid(make_client: Any, image: Any) -
     client = await make_client()
     status, body = await raw(client, get("/v2/shell/jq/manifests/lat%0aest"))
     assert (status, body["errors"][0]["code"]) == (400, "TAG_INVALID"), body
+
+
+async def test_a_malformed_request_logs_one_line_without_a_traceback(
+    make_client: Any, image: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    client = await make_client()
+    with caplog.at_level("DEBUG", logger="aiohttp.server"):
+        malformed = [
+            b"GET /v2/ HTTP/1.1\r\nHost: x\r\nBad Header\r\n\r\n",
+            b"GET /v2/ HTTP/1.1\r\nHost: x\r\nX: " + b"a" * 9000 + b"\r\n\r\n",
+        ]
+        for request in malformed:
+            status, body = await raw(client, request)
+            assert status == 400 and body["errors"][0]["code"]
+    records = [r for r in caplog.records if r.name == "aiohttp.server"]
+    assert len(records) == 2, [r.getMessage() for r in records]
+    assert all(r.exc_info is None and r.levelname == "WARNING" for r in records)
+    assert all("malformed request" in r.getMessage() for r in records)
+
+
+async def test_failed_logins_are_throttled_per_client(make_client: Any, image: Any) -> None:
+    """Fault 9: guessing is 429 after ten failures in a minute, on /token and on Basic."""
+    client = await secured(make_client)
+    wrong = {"Authorization": "Basic " + base64.b64encode(b"alice:guess").decode()}
+    statuses = [(await client.get("/token", headers=wrong)).status for _ in range(30)]
+    assert statuses == [401] * 10 + [429] * 20
+    right = {"Authorization": "Basic " + base64.b64encode(b"alice:s3cret").decode()}
+    response = await client.get("/v2/", headers=right)
+    assert response.status == 429 and int(response.headers["Retry-After"]) >= 1
+    assert (await response.json())["errors"][0]["code"] == "TOOMANYREQUESTS"
+
+
+async def test_the_window_slides_and_memory_is_bounded() -> None:
+    now = [0.0]
+    logins = auth.FailedLogins(limit=3, window=60.0, clock=lambda: now[0], max_clients=2)
+    for _ in range(3):
+        assert logins.retry_after("a") is None
+        logins.failed("a")
+    assert logins.retry_after("a") == 60.0
+    now[0] = 30.0
+    assert logins.retry_after("a") == 30.0
+    now[0] = 60.5
+    assert logins.retry_after("a") is None  # the failures left the window
+    for client in ("b", "c", "d"):
+        logins.failed(client)
+    assert len(logins._failures) == 2

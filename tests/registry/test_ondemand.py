@@ -53,7 +53,12 @@ class FakeBuild:
         if missing:
             raise PackagesNotFound(missing)
         if "broken" in spec.packages:
-            raise NixFailure("BuildFailed", "Nix build failed: builder for broken failed")
+            raise NixFailure(
+                "BuildFailed",
+                "a 'aarch64-linux' with features {} is required to build "
+                "'/nix/store/0123456789abcdfghijklmnpqrsvwxyz-broken.drv', but I am a "
+                "'x86_64-linux' with features {benchmark, big-parallel, kvm, nixos-test}",
+            )
         config = manifest.Blob(manifest.OCI_CONFIG, json.dumps({"p": spec.packages}).encode())
         image = manifest.image_manifest(spec, config, [])
         storage.put_blob(config.data)
@@ -118,11 +123,22 @@ async def test_missing_packages_are_404_naming_them(make_client: Any) -> None:
     assert again.status == 404 and len(fake.calls) == 1  # remembered, Nix not run again
 
 
-async def test_failed_build_is_404_with_the_reason(make_client: Any) -> None:
+async def test_failed_build_is_404_with_a_short_reason(
+    make_client: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The client learns the kind of failure; Nix's text (store paths, the builder's system
+    features) stays in the log."""
     client = await on_demand(make_client, FakeBuild(delay=0.01))
-    response = await client.get("/v2/broken/manifests/latest")
+    with caplog.at_level("WARNING", logger="niximage_registry.ondemand"):
+        response = await client.get("/v2/broken/manifests/latest")
     assert response.status == 404
-    assert "builder for broken failed" in (await response.json())["errors"][0]["message"]
+    error = (await response.json())["errors"][0]
+    assert error["message"] == (
+        "building broken failed: a package of the image failed to build (BuildFailed; "
+        "the registry's log has the details)"
+    )
+    assert "/nix/store" not in json.dumps(error) and "features" not in json.dumps(error)
+    assert "/nix/store/0123456789abcdfghijklmnpqrsvwxyz-broken.drv" in caplog.text
 
 
 async def test_invalid_package_name_is_400(make_client: Any) -> None:
