@@ -71,6 +71,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--no-access-log", action="store_true", help="no JSON access log")
     parser.add_argument(
+        "--storage-deadline",
+        type=float,
+        default=5.0,
+        help="seconds a GCS read keeps retrying before the pull gets 503 (default 5)",
+    )
+    parser.add_argument(
         "--tag-cache-ttl", type=float, default=1.0, help="seconds a tag lookup is reused"
     )
     group = parser.add_argument_group("on-demand builds")
@@ -172,7 +178,7 @@ async def serve(args: argparse.Namespace, settings: AppSettings, host: str, port
     from niximage_registry.app import make_app
     from niximage_registry.runner import JsonErrorsRunner
 
-    storage = factory.open_storage(args.storage)
+    storage = factory.open_storage(args.storage, retry_deadline=args.storage_deadline)
     app = make_app(storage, settings)
     runner = JsonErrorsRunner(
         app,

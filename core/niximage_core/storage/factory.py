@@ -56,13 +56,22 @@ def parse_storage_url(url: str) -> GcsLocation | FilesystemLocation:
     raise InvalidInput(f"unsupported storage URL scheme {name!r} in {url[:200]!r}: {_USAGE}")
 
 
-def open_storage(url: str) -> Storage:
-    """Open (and for a directory, create) the storage ``url`` names."""
+def open_storage(url: str, retry_deadline: float | None = None) -> Storage:
+    """Open (and for a directory, create) the storage ``url`` names.
+
+    ``retry_deadline``: seconds a GCS call keeps retrying before it fails (a registry
+    answers 503 within that when storage is down, before kubelets give up); else
+    ``$NIXIMAGE_GCS_RETRY_DEADLINE``, else the library's 120 s (builders ride out blips).
+    """
     location = parse_storage_url(url)
     if isinstance(location, FilesystemLocation):
         return FilesystemStorage(location.path)
     from niximage_core.storage.gcs import GcsStorage, retry_within  # GCS users only
 
+    if retry_deadline is not None:
+        if retry_deadline <= 0:
+            raise InvalidInput("the storage deadline must be positive")
+        return GcsStorage(location.bucket, location.prefix, retry=retry_within(retry_deadline))
     deadline = os.environ.get(RETRY_DEADLINE_ENV)
     if deadline is None:
         return GcsStorage(location.bucket, location.prefix)
