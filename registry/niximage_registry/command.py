@@ -32,6 +32,8 @@ from niximage_registry import auth
 from niximage_registry.ondemand import BuildFunction
 
 if TYPE_CHECKING:
+    from aiohttp import web
+
     from niximage_registry.app import AppSettings
 
 
@@ -211,10 +213,25 @@ async def serve(args: argparse.Namespace, settings: AppSettings, host: str, port
         await stop.wait()
         log.info("shutting down: finishing in-flight responses")
     finally:
-        await runner.cleanup()
+        await _stop(runner, app, args.shutdown_timeout)
         accesslog.SINK.flush()
         storage.close()
     return 0
+
+
+async def _stop(runner: web.AppRunner, app: web.Application, timeout: float) -> None:
+    """Stop within ``timeout`` seconds in all. aiohttp waits up to its shutdown timeout
+    for each in-flight response and then as long again for the cancelled handler, so a
+    slow client would hold a SIGTERM for twice the time asked: past ``timeout`` the
+    remaining connections are cut, and the app's cleanup (on-demand builds are killed)
+    still runs."""
+    try:
+        async with asyncio.timeout(timeout):
+            await runner.cleanup()
+    except TimeoutError:
+        log.warning("shutdown: cut the responses still running after %.0f s", timeout)
+        with contextlib.suppress(Exception):  # it may have begun before the cut
+            await app.cleanup()
 
 
 def _fork_workers(args: argparse.Namespace, settings: AppSettings, host: str, port: int) -> int:

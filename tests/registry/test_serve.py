@@ -149,3 +149,28 @@ def test_workers_share_the_port(tmp_path: Path) -> None:
         assert registry.process is not None
         registry.terminate()
         assert registry.process.wait(30) == 0
+
+
+def test_sigterm_stops_within_the_shutdown_timeout(tmp_path: Path) -> None:
+    """Fault 6: clients that stop reading mid-blob must not hold SIGTERM for twice
+    ``--shutdown-timeout`` (aiohttp's graceful wait, then as long again after cancelling)."""
+    store = FilesystemStorage(tmp_path / "store")
+    image = write_images(store)
+    with RegistryProcess(tmp_path / "store", "--shutdown-timeout", "3") as registry:
+        host, port = registry.address.rsplit(":", 1)
+        stalled = []
+        for _ in range(3):
+            connection = socket.create_connection((host, int(port)))
+            connection.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            request = f"GET /v2/test/app/blobs/{image.big} HTTP/1.1\r\nHost: x\r\n\r\n"
+            connection.sendall(request.encode())
+            stalled.append(connection)
+        time.sleep(1)  # the responses are under way, and stuck on full socket buffers
+        started = time.monotonic()
+        registry.terminate()
+        assert registry.process is not None
+        code = registry.process.wait(60)
+        took = time.monotonic() - started
+        for connection in stalled:
+            connection.close()
+    assert code == 0 and took < 3 + 1.5, f"SIGTERM took {took:.1f} s"
