@@ -1,8 +1,8 @@
 """How long ``niximage gc`` takes on a store of many images, and what the protocol costs a
 build (a touch per reused blob instead of a size lookup).
 
-    PYTHONPATH=builder:. python benchmarks/gc.py /tmp/niximage-gc-bench --images 200
-    STORAGE_EMULATOR_HOST=http://127.0.0.1:4443 PYTHONPATH=builder:. \\
+    PYTHONPATH=core:. python benchmarks/gc.py /tmp/niximage-gc-bench --images 200
+    STORAGE_EMULATOR_HOST=http://127.0.0.1:4443 PYTHONPATH=core:. \\
         python benchmarks/gc.py gs://bucket/gc-bench --images 50
 
 Fills the store with synthetic images (``--layers`` each, half of them shared with a common

@@ -46,6 +46,7 @@ from kubesupport import controlplane  # noqa: E402
 from niximage_core.storage import factory  # noqa: E402
 
 TESTPKGS = ROOT / "nix" / "testpkgs"
+SOURCE_ROOTS = ("core", "builder", "registry", "operator", "cli")
 PACKAGES = ["bash", "jq", "coreutils", "nano", "python3", "openssl", "tzdata", "hello"]
 API = "/apis/niximage.dev/v1alpha1/namespaces/default/niximages"
 
@@ -53,7 +54,7 @@ API = "/apis/niximage.dev/v1alpha1/namespaces/default/niximages"
 def environment() -> dict[str, str]:
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(
-        [str(ROOT / "builder"), str(ROOT / "operator"), env.get("PYTHONPATH", "")]
+        [*(str(ROOT / root) for root in SOURCE_ROOTS), env.get("PYTHONPATH", "")]
     ).rstrip(os.pathsep)
     return env
 

@@ -71,7 +71,8 @@ class Server:
         self.name = name
         self.port = port
         self.address = f"127.0.0.1:{port}"
-        env = {**os.environ, "PYTHONPATH": str(ROOT / "builder")}
+        roots = (ROOT / root for root in ("core", "builder", "registry", "operator", "cli"))
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(map(str, roots))}
         with open(log, "wb") as out:
             self.process = subprocess.Popen(
                 argv, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=ROOT

@@ -1,7 +1,7 @@
 """Blob write/read throughput of a storage backend, and the writer's peak Python memory.
 
-    PYTHONPATH=builder python benchmarks/storage.py /tmp/niximage-bench --size-mib 256
-    STORAGE_EMULATOR_HOST=http://127.0.0.1:4443 PYTHONPATH=builder \\
+    PYTHONPATH=core python benchmarks/storage.py /tmp/niximage-bench --size-mib 256
+    STORAGE_EMULATOR_HOST=http://127.0.0.1:4443 PYTHONPATH=core \\
         python benchmarks/storage.py gs://bucket/bench
 
 Writes one blob of random-looking bytes in 1 MiB writes (as the layer packer does), reads

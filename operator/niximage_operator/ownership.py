@@ -15,8 +15,8 @@ again under the same name owns the same tag under a new uid).
 Safety of the sweep: owner records are listed *before* the live NixImages, so a record
 whose uid the list lacks belonged to a NixImage that existed and was deleted (a NixImage
 created later is not among the records listed). Recording and releasing run under one
-lock, and one operator is active at a time, so "no other owner names this tag, delete
-it" is one step against every writer of owner records.
+lock (the claim only, not the tagging), and one operator is active at a time, so "no other
+owner names this tag, delete it" is one step against every writer of owner records.
 """
 
 from __future__ import annotations
@@ -67,10 +67,13 @@ def owners(storage: Storage, prefix: str = PREFIX) -> list[Owner]:
 
 def record(storage: Storage, owner: Owner, result: BuildResult) -> None:
     """Claim the tag, then point it at the result (``layout.record_tag``) unless it does."""
+    # Only the claim needs the lock: a release that lists the owners after it sees it
+    # and keeps the tag; one that listed them before has deleted the tag already, and the
+    # tag written below stands. Tagging (which touches every blob) runs unlocked.
     with _lock:
         storage.write(check_key(owner.key), b"")
-        if layout.read_tag(storage, owner.repository, owner.tag) != _digest(result):
-            layout.record_tag(storage, owner.repository, owner.tag, result)
+    if layout.read_tag(storage, owner.repository, owner.tag) != _digest(result):
+        layout.record_tag(storage, owner.repository, owner.tag, result)
 
 
 def release(storage: Storage, owner: Owner) -> bool:

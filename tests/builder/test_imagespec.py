@@ -59,7 +59,7 @@ def test_key_is_stable_across_processes_and_hash_seeds() -> None:
             capture_output=True,
             text=True,
             check=True,
-            env={"PYTHONHASHSEED": seed, "PYTHONPATH": str(ROOT / "builder")},
+            env={"PYTHONHASHSEED": seed, "PYTHONPATH": str(ROOT / "core")},
         ).stdout.strip()
         for seed in ("0", "1", "12345")
     }

@@ -15,13 +15,12 @@ from __future__ import annotations
 import contextlib
 import json
 from collections.abc import Iterable, Mapping
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
 from niximage_core.digest import Digest
 from niximage_core.errors import InvalidInput, NotFound
-from niximage_core.gc.roots import READERS, parallel
+from niximage_core.gc.roots import parallel
 from niximage_core.storage.base import Storage
 
 MANIFEST_LIMIT = 4 << 20
@@ -141,11 +140,7 @@ def touch_blob(storage: Storage, digest: Digest) -> int | None:
 def touch_all(storage: Storage, digests: Iterable[Digest]) -> list[Digest]:
     """Touch every blob (in parallel); the digests that were missing, in the given order."""
     unique = list(dict.fromkeys(digests))
-    if len(unique) <= 1:
-        sizes = [touch_blob(storage, d) for d in unique]
-    else:
-        with ThreadPoolExecutor(min(READERS, len(unique))) as pool:
-            sizes = list(pool.map(lambda d: touch_blob(storage, d), unique))
+    sizes = parallel(storage.touch_blob, unique)
     return [d for d, size in zip(unique, sizes, strict=True) if size is None]
 
 

@@ -39,12 +39,24 @@ def read_all(storage: Storage, keys: Iterable[str]) -> dict[str, bytes | None]:
     return dict(zip(keys, parallel(storage.read, keys), strict=True))
 
 
+_pool: ThreadPoolExecutor | None = None
+_pool_lock = threading.Lock()
+
+
 def parallel(function: Callable[[Any], Any], items: list[Any]) -> list[Any]:
-    """``map`` over a few threads: storage round trips dominate; errors propagate."""
+    """``map`` over ``READERS`` threads: storage round trips dominate; errors propagate.
+
+    One pool for the process (a pool per call cost a thread start per round trip on the
+    operator's hot path), so ``function`` must be a leaf: one storage call that never calls
+    ``parallel`` itself, or a nested call could wait for its own pool.
+    """
+    global _pool
     if len(items) <= 1:
         return [function(item) for item in items]
-    with ThreadPoolExecutor(min(READERS, len(items))) as pool:
-        return list(pool.map(function, items))
+    with _pool_lock:
+        if _pool is None:
+            _pool = ThreadPoolExecutor(READERS, thread_name_prefix="niximage-storage-io")
+    return list(_pool.map(function, items))
 
 
 # ---- leases --------------------------------------------------------------------------
