@@ -285,8 +285,9 @@ class NodeThread:
             ready.set()
             loop.run_forever()
             loop.run_until_complete(self.kubelet.stop())
-            # Let the closed connections' transports finish closing before the loop goes.
-            loop.run_until_complete(asyncio.sleep(0.25))
+            # Let the closed connections' transports finish closing (aiohttp aborts those
+            # whose TLS close goes unanswered after 2 s) before the loop goes.
+            loop.run_until_complete(asyncio.sleep(2.5))
             loop.run_until_complete(loop.shutdown_asyncgens())
             loop.close()
 

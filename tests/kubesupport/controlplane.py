@@ -35,6 +35,8 @@ from typing import Any
 
 import yaml
 
+from kubesupport import helmtool
+
 ROOT = Path(__file__).resolve().parents[2]
 SHARED_KUBE = ROOT.parent / "shared" / "kube"
 TARBALL = "kube-v1.36.2-linux-amd64.tar.xz"
@@ -66,14 +68,6 @@ class Unavailable(Exception):
     """The binaries are not on this machine: the real-cluster tests skip, saying this."""
 
 
-def tools_cache() -> Path:
-    configured = os.environ.get("NIXIMAGE_TOOLS_CACHE")
-    if configured:
-        return Path(configured)
-    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(base) / "niximage-tools"
-
-
 def kube_binaries() -> Path:
     """The directory holding kube-apiserver and kube-controller-manager.
 
@@ -87,7 +81,7 @@ def kube_binaries() -> Path:
     tarball = source / TARBALL
     if not tarball.is_file():
         raise Unavailable(f"no Kubernetes control plane binaries in {source} ($NIXIMAGE_KUBE_BIN)")
-    target = tools_cache() / TARBALL.removesuffix(".tar.xz")
+    target = helmtool.cache_dir() / TARBALL.removesuffix(".tar.xz")
     if all((target / name).is_file() for name in BINARIES):
         return target
     target.parent.mkdir(parents=True, exist_ok=True)

@@ -244,7 +244,11 @@ class Kubelet:
         return self.connection.url
 
     async def start(self) -> None:
-        connector = aiohttp.TCPConnector(ssl=self.connection.ssl or False)
+        # The API server may never answer a TLS close: enable_cleanup_closed aborts such a
+        # transport after two seconds, so none is left open when the loop goes.
+        connector = aiohttp.TCPConnector(
+            ssl=self.connection.ssl or False, enable_cleanup_closed=True
+        )
         self._session = aiohttp.ClientSession(
             connector=connector, headers={"User-Agent": "kubelet/stand-in"}
         )
