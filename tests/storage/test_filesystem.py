@@ -247,3 +247,25 @@ def test_concurrent_writes_and_deletes_in_one_directory_lose_nothing(
     assert not any(thread.is_alive() for thread in threads)
     assert errors == [] and lost == []
     assert files(store.root) == [] and dirs(store.root / "tags") == []
+
+
+def test_a_directory_pruned_while_mkdir_checks_it_is_made_again(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """pathlib's ``mkdir(exist_ok=True)`` answers "exists" and then checks ``is_dir``; a
+    delete that prunes the directory in between must not pass for a clashing key."""
+    store = FilesystemStorage(tmp_path / "store")
+    store.write("gc/leases/first", b"1")
+    store.delete("gc/leases/first")  # gc/leases/ is pruned
+    real_mkdir = Path.mkdir
+    raced = []
+
+    def mkdir(self: Path, *args: object, **kwargs: object) -> None:
+        if self.name == "leases" and not raced:
+            raced.append(self)
+            raise FileExistsError(17, "File exists", str(self))  # pruned right after
+        real_mkdir(self, *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(Path, "mkdir", mkdir)
+    store.write("gc/leases/second", b"2")
+    assert raced and store.read("gc/leases/second") == b"2"

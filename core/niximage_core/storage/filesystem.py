@@ -385,13 +385,19 @@ def _make_parent(path: Path, key: str) -> None:
 
 
 def _make_dirs(directory: Path) -> None:
-    """``mkdir -p``, again when a concurrent delete prunes a directory just made (pathlib
-    makes the parents, then the child: the parent may be gone by then)."""
+    """``mkdir -p``, again when a concurrent delete prunes a directory just made: pathlib
+    makes the parents, then the child (the parent may be gone by then, FileNotFoundError),
+    and on "exists" checks ``is_dir`` afterwards (the directory may be gone by then,
+    FileExistsError with nothing there). Only a non-directory in the way is a clash."""
     for _ in range(DIRECTORY_ATTEMPTS - 1):
         try:
             directory.mkdir(parents=True, exist_ok=True)
             return
         except FileNotFoundError:
+            continue
+        except FileExistsError:
+            if os.path.lexists(directory) and not directory.is_dir():
+                raise
             continue
     directory.mkdir(parents=True, exist_ok=True)
 
