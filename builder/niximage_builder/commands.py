@@ -190,5 +190,3 @@ def run_export(args: argparse.Namespace) -> int:
 def run_layers(args: argparse.Namespace) -> int:
     print(json.dumps(layering.layers_command(args.graph, args.popularity, args.budget), indent=2))
     return 0
-
-

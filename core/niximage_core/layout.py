@@ -5,8 +5,9 @@ Imports digest, errors, result, storage's interface and gc; never Nix or the bui
 pipeline, so the registry and the operator read and write the same keys as the builder
 without importing it. The layout (docs/architecture.md#storage-layout):
 
-    builds/<build key>               the build result (JSON), or the error
-    tags/<repository>/_tags/<tag>    the manifest digest a tag points at
+    builds/<build key>                         the build result (JSON), or the error
+    tags/<repository>/_tags/<tag>              the manifest digest a tag points at
+    revisions/<repository>/_manifests/<hex>    a manifest the repository was ever tagged with
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from niximage_core import gc, reference
 from niximage_core.digest import Digest
 from niximage_core.errors import InvalidInput, StorageError
 from niximage_core.result import BuildResult
+from niximage_core.revisions import revision_path
 from niximage_core.storage.base import Storage, check_key
 
 
@@ -87,6 +89,9 @@ def record_tag(storage: Storage, repository: str, tag: str, result: BuildResult)
     # The manifest first: gc's safety argument needs it touched before what it names.
     missing = gc.touch_all(storage, [manifest_digest]) or gc.touch_all(storage, rest)
     if not missing:
+        link = revision_path(repository, manifest_digest)
+        if storage.read(link) is None:
+            storage.write(link, result.manifestDigest.encode())
         return
     _put_back(storage, path, previous)
     raise StorageError(

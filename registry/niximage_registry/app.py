@@ -81,6 +81,7 @@ def make_app(storage: Storage, settings: AppSettings | None = None) -> web.Appli
     if authenticator is not None:
         app.router.add_route("*", "/token", registry.token)
     app.router.add_route("*", "/healthz", _read_only(registry.healthz))
+    app.router.add_route("*", "/readyz", _read_only(registry.readyz))
     app.router.add_route("*", "/metrics", _read_only(registry.metrics_page))
     app.router.add_route("*", r"/{path:[\s\S]*}", _no_route)
 

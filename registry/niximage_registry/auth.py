@@ -15,7 +15,9 @@ own token server, so a shared secret is all it takes (stdlib ``hmac``, no JWT li
 Replicas behind one Service must share the secret (``--auth-secret-file``); a random one
 is made per process otherwise.
 
-Policy: a known user may pull every repository; anonymous clients may pull only with
+Policy: a known user may pull every repository; a Kubernetes service account token (with
+``reviews``: see ``kubeauth``) may pull the repositories ``<namespace>/<name>`` of the
+namespaces where it may ``get`` NixImages; anonymous clients may pull only with
 ``anonymous_pull``; nobody is granted push or delete (the registry cannot do them). Basic
 credentials are also accepted directly on ``/v2/`` for simple clients (curl, scripts):
 the flow above is what docker, containerd and containers/image use, and Basic costs no
@@ -39,9 +41,13 @@ from collections import OrderedDict, deque
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from niximage_core import reference
 from niximage_core.errors import InvalidInput
+
+if TYPE_CHECKING:
+    from niximage_registry.kubeauth import KubeUser, Reviews
 
 MIN_TTL = 60
 
@@ -49,6 +55,7 @@ MIN_TTL = 60
 @dataclass(frozen=True)
 class AuthSettings:
     users: Mapping[str, str]
+    """Static users and passwords (may be empty when ``reviews`` is given)."""
     secret: bytes = field(default_factory=lambda: secrets.token_bytes(32), repr=False)
     service: str = "niximage"
     realm: str | None = None
@@ -60,6 +67,16 @@ class AuthSettings:
     """Failed logins one client may make within ``failed_login_window`` seconds; past that,
     its logins answer 429 until the oldest failure leaves the window."""
     failed_login_window: float = 60.0
+    reviews: Reviews | None = field(default=None, compare=False)
+    """Kubernetes service account tokens as passwords (TokenReview, SubjectAccessReview)."""
+
+
+@dataclass(frozen=True)
+class Identity:
+    """Who logged in: a static user, or a Kubernetes identity whose rights are reviewed."""
+
+    subject: str
+    kube: KubeUser | None = None
 
 
 @dataclass(frozen=True)
@@ -152,6 +169,8 @@ class Authenticator:
     def __init__(self, settings: AuthSettings) -> None:
         if settings.token_ttl < MIN_TTL:
             raise InvalidInput(f"token lifetime must be at least {MIN_TTL} s")
+        if not settings.users and settings.reviews is None and not settings.anonymous_pull:
+            raise InvalidInput("authentication needs users, Kubernetes reviews or anonymous pull")
         self.settings = settings
         self.failed_logins = FailedLogins(settings.failed_login_limit, settings.failed_login_window)
         # Compare digests of passwords: equal length inputs for compare_digest.
@@ -171,15 +190,12 @@ class Authenticator:
         return hmac.compare_digest(expected, given)
 
     def basic_user(self, header: str | None) -> str | None:
-        """The user of a valid ``Authorization: Basic`` header, else None."""
-        if not header or header[:6].lower() != "basic ":
+        """The static user of a valid ``Authorization: Basic`` header, else None."""
+        credentials = basic_credentials(header)
+        if credentials is None:
             return None
-        try:
-            decoded = base64.b64decode(header[6:].strip(), validate=True).decode()
-        except ValueError:  # not base64 (non-ASCII text included), or not UTF-8 inside
-            return None
-        user, sep, password = decoded.partition(":")
-        return user if sep and self.check_password(user, password) else None
+        user, password = credentials
+        return user if self.check_password(user, password) else None
 
     # tokens
 
@@ -259,6 +275,18 @@ class Authenticator:
         if error is not None:
             parts.append(f'error="{error}"')
         return ",".join(parts)
+
+
+def basic_credentials(header: str | None) -> tuple[str, str] | None:
+    """``(user, password)`` of an ``Authorization: Basic`` header, else None."""
+    if not header or header[:6].lower() != "basic ":
+        return None
+    try:
+        decoded = base64.b64decode(header[6:].strip(), validate=True).decode()
+    except ValueError:  # not base64 (non-ASCII text included), or not UTF-8 inside
+        return None
+    user, sep, password = decoded.partition(":")
+    return (user, password) if sep else None
 
 
 def _no_constant(name: str) -> None:

@@ -8,7 +8,8 @@
   checking the blob exists (an unknown digest gets our JSON 404, not storage XML). HEAD is
   answered here: a signed URL is bound to its method, and it saves a round trip. Storage
   serves Range itself; clients keep the header across the redirect.
-- Otherwise the blob is streamed through, read in the storage pool.
+- Otherwise the blob is streamed through, read in the storage pool in small pieces, never
+  ahead of the socket; a storage failure once the body has begun aborts the connection.
 
 Blobs are not re-hashed when served: they were verified when committed
 (docs/architecture.md#storage-layout).
@@ -18,7 +19,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 from collections.abc import Callable
+from typing import BinaryIO
 
 from aiohttp import web
 
@@ -28,8 +31,11 @@ from niximage_registry import ranges
 from niximage_registry.content import Content, LocalBlob, TtlCache
 from niximage_registry.errors import Code, RegistryError
 
-CHUNK = 1 << 20
+STREAM_PIECE = 128 << 10
+"""A streamed read: a stream holds about two (one being sent, one in the transport)."""
 OCTET_STREAM = "application/octet-stream"
+
+log = logging.getLogger(__name__)
 
 
 def blob_headers(digest: Digest) -> dict[str, str]:
@@ -162,18 +168,53 @@ class Blobs:
                 response.headers["Content-Range"] = selected.content_range()
                 await self._content.run(stream.seek, selected.start)
             await response.prepare(request)
-            while count > 0:
-                chunk = await self._content.run(stream.read, min(CHUNK, count))
-                if not chunk:
-                    raise ConnectionResetError(f"blob {digest} ended early")
-                await response.write(chunk)
-                count -= len(chunk)
-                self._on_sent(len(chunk))
-            await response.write_eof()
+            await self._send(request, response, stream, digest, count)
             return response
         finally:
             with contextlib.suppress(Exception):
                 await self._content.run(stream.close)
+
+    async def _send(
+        self,
+        request: web.Request,
+        response: web.StreamResponse,
+        stream: BinaryIO,
+        digest: Digest,
+        count: int,
+    ) -> None:
+        """The body, one small piece at a time, the next read only once aiohttp took the
+        last (``write`` waits for the socket once 64 KiB are buffered).
+
+        The status line and headers are out: an error can no longer be a response (the
+        middleware's would land inside the body, and the client wait for the rest). A
+        failure aborts the connection, so the client sees a short read at once."""
+        sent = 0
+        while sent < count:
+            try:
+                piece = await self._content.run(stream.read, min(STREAM_PIECE, count - sent))
+            except Exception as exc:  # storage failed: RegistryError(UNAVAILABLE), or a bug
+                _abort(
+                    request, f"blob {digest} after {sent} of {count} bytes", exc.__cause__ or exc
+                )
+                return
+            if not piece:
+                _abort(
+                    request, f"blob {digest} after {sent} of {count} bytes", "storage ended early"
+                )
+                return
+            try:
+                await response.write(piece)
+            except ConnectionResetError:
+                return  # the client went away; aiohttp closes the connection
+            sent += len(piece)
+            self._on_sent(len(piece))
+        await response.write_eof()
+
+
+def _abort(request: web.Request, what: str, cause: object) -> None:
+    log.warning("aborted the response to %s %s: %s", request.method, what, cause)
+    if request.transport is not None:
+        request.transport.abort()
 
 
 def unknown(digest: Digest) -> RegistryError:

@@ -35,6 +35,7 @@ if TYPE_CHECKING:
     from aiohttp import web
 
     from niximage_registry.app import AppSettings
+    from niximage_registry.limits import ConnectionLimits
 
 
 @dataclass(frozen=True)
@@ -99,7 +100,38 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument(
         "--no-redirect", action="store_true", help="stream GCS blobs, never redirect"
     )
-    group = parser.add_argument_group("authentication (off unless --auth-users)")
+    group = parser.add_argument_group("connections (docs/architecture.md#the-registry)")
+    group.add_argument(
+        "--header-timeout",
+        type=float,
+        default=10.0,
+        help="seconds a connection may take to send complete request headers (default 10)",
+    )
+    group.add_argument(
+        "--idle-timeout",
+        type=float,
+        default=60.0,
+        help="seconds an idle keep-alive connection is kept (default 60)",
+    )
+    group.add_argument(
+        "--max-connections",
+        type=int,
+        default=0,
+        help="connections at once (default: from the open-files limit, 2 per connection)",
+    )
+    group.add_argument(
+        "--max-connections-per-client",
+        type=int,
+        default=256,
+        help="connections at once from one address (default 256; 0: --max-connections)",
+    )
+    group.add_argument(
+        "--max-header-bytes",
+        type=int,
+        default=32 * 1024,
+        help="request line and headers, bytes (default 32768; larger: 431)",
+    )
+    group = parser.add_argument_group("authentication (off without --auth-users or -kubernetes)")
     group.add_argument("--auth-users", help="user:password file, or a directory (Secret)")
     group.add_argument("--auth-secret-file", help="HMAC key for tokens (share it across replicas)")
     group.add_argument("--auth-anonymous-pull", action="store_true", help="tokens without login")
@@ -107,6 +139,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--auth-service", default="niximage", help="service name in tokens")
     group.add_argument("--auth-token-ttl", type=int, default=300, help="token lifetime, s")
     group.add_argument("--auth-no-basic", action="store_true", help="refuse Basic on /v2/")
+    group.add_argument(
+        "--auth-kubernetes",
+        action="store_true",
+        help="accept Kubernetes service account tokens as pull passwords (TokenReview, "
+        "then SubjectAccessReview: get niximages in the image's namespace)",
+    )
+    group.add_argument(
+        "--auth-review-ttl", type=float, default=10.0, help="seconds a review answer is reused"
+    )
 
 
 def settings_from_args(
@@ -134,9 +175,15 @@ def settings_from_args(
             wait=args.build_wait,
         )
     auth_settings = None
-    if args.auth_users:
+    if args.auth_users or args.auth_kubernetes:
+        reviews = None
+        if args.auth_kubernetes:
+            from niximage_registry.kubeauth import Reviews
+
+            reviews = Reviews.load(args.auth_review_ttl)
         auth_settings = auth.AuthSettings(
-            users=auth.load_users(args.auth_users),
+            users=auth.load_users(args.auth_users) if args.auth_users else {},
+            reviews=reviews,
             service=args.auth_service,
             realm=args.auth_realm,
             anonymous_pull=args.auth_anonymous_pull,
@@ -155,6 +202,25 @@ def settings_from_args(
     )
 
 
+def connection_limits(args: argparse.Namespace) -> ConnectionLimits:
+    """The ``connections`` flags, checked (``limits`` has what they do)."""
+    from niximage_registry.limits import ConnectionLimits
+
+    if args.header_timeout <= 0 or args.idle_timeout <= 0:
+        raise InvalidInput("--header-timeout and --idle-timeout must be positive")
+    if args.max_connections < 0 or args.max_connections_per_client < 0:
+        raise InvalidInput("--max-connections and --max-connections-per-client must be >= 0")
+    if args.max_header_bytes < 1024:
+        raise InvalidInput("--max-header-bytes must be at least 1024")
+    return ConnectionLimits(
+        header_timeout=args.header_timeout,
+        idle_timeout=args.idle_timeout,
+        max_connections=args.max_connections,
+        max_per_client=args.max_connections_per_client,
+        max_header_bytes=args.max_header_bytes,
+    ).resolved()
+
+
 def parse_listen(text: str) -> tuple[str, int]:
     host, sep, port = text.rpartition(":")
     if not sep or not port.isdigit() or int(port) > 65535:
@@ -168,6 +234,7 @@ def run(args: argparse.Namespace, on_demand: OnDemandFactory | None = None) -> i
     settings = settings_from_args(args, on_demand)  # secrets are made here, before any fork
     host, port = parse_listen(args.listen)
     factory.parse_storage_url(args.storage)
+    connection_limits(args)
     if args.workers == 1:
         return asyncio.run(serve(args, settings, host, port))
     return _fork_workers(args, settings, host, port)
@@ -182,8 +249,10 @@ async def serve(args: argparse.Namespace, settings: AppSettings, host: str, port
 
     storage = factory.open_storage(args.storage, retry_deadline=args.storage_deadline)
     app = make_app(storage, settings)
+    limits = connection_limits(args)
     runner = JsonErrorsRunner(
         app,
+        limits=limits,
         handle_signals=False,
         shutdown_timeout=args.shutdown_timeout,
         access_log_class=accesslog.JsonAccessLogger,
@@ -191,21 +260,19 @@ async def serve(args: argparse.Namespace, settings: AppSettings, host: str, port
     )
     await runner.setup()
     try:
-        site = web.TCPSite(runner, host, port, reuse_port=args.workers > 1, backlog=1024)
+        site = web.TCPSite(runner, host, port, reuse_port=args.workers > 1, backlog=limits.backlog)
         await site.start()
         bound = runner.addresses[0]
-        print(
-            json.dumps(
-                {
-                    "event": "listening",
-                    "address": f"{bound[0]}:{bound[1]}",
-                    "pid": os.getpid(),
-                    "storage": storage.url,
-                }
-            ),
-            file=sys.stderr,
-            flush=True,
-        )
+        listening = {
+            "event": "listening",
+            "address": f"{bound[0]}:{bound[1]}",
+            "pid": os.getpid(),
+            "storage": storage.url,
+        }
+        # One write: stderr writes through, and print() sends the newline separately, so
+        # the lines of several workers sharing the stream would interleave.
+        sys.stderr.write(json.dumps(listening) + "\n")
+        sys.stderr.flush()
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):

@@ -10,7 +10,12 @@ pull (a kubelet asks for the same manifest by tag and then by digest, nodes pull
   addressed, so immutable; bounded in bytes and kept ``manifest_ttl`` seconds so that a
   manifest removed by garbage collection stops being served;
 - repository → exists, for ``repository_ttl`` seconds (positive answers only: a new
-  repository is seen at once).
+  repository is seen at once);
+- repository → what it may serve (``serves``): the manifests its tags name and its revision
+  links (``niximage_core.revisions``) name, and what those reference, for
+  ``repository_ttl`` seconds; a digest not in it makes one recomputation, at most every
+  ``tag_ttl`` seconds, so a new tag is seen as fast as the tag itself and random digests
+  cannot make every request walk the repository.
 """
 
 from __future__ import annotations
@@ -25,9 +30,10 @@ from concurrent.futures import Executor
 from dataclasses import dataclass
 from typing import BinaryIO, Generic, TypeVar
 
-from niximage_core import layout, manifest
+from niximage_core import layout, manifest, revisions
 from niximage_core.digest import Digest
 from niximage_core.errors import InvalidInput, NotFound, StorageError
+from niximage_core.gc.marking import manifest_references
 from niximage_core.storage.base import Storage
 from niximage_registry.errors import Code, RegistryError
 
@@ -35,6 +41,9 @@ log = logging.getLogger(__name__)
 
 MAX_MANIFEST = 4 * 1024 * 1024
 """Bigger blobs are never manifests (containerd refuses > ~4.4 MB): not read into memory."""
+
+READINESS_KEY = "registry/readiness"
+"""Read (never written) by the readiness probe: a miss is as good an answer as a hit."""
 
 K = TypeVar("K")
 V = TypeVar("V")
@@ -104,6 +113,18 @@ class LocalBlob:
 
 
 @dataclass(frozen=True)
+class Reachable:
+    """The digests one repository may serve, as computed at ``at`` (monotonic)."""
+
+    digests: frozenset[Digest]
+    at: float
+
+
+MAX_REACHABLE_MANIFESTS = 10_000
+"""Manifests walked for one repository at most (a bound, not a limit anyone meets)."""
+
+
+@dataclass(frozen=True)
 class CacheSettings:
     tag_ttl: float = 1.0
     manifest_ttl: float = 300.0
@@ -129,6 +150,9 @@ class Content:
             cache.manifest_ttl, 100_000, lambda m: len(m.data), cache.manifest_bytes
         )
         self._repositories: TtlCache[str, bool] = TtlCache(cache.repository_ttl, 100_000)
+        self._reachable: TtlCache[str, Reachable] = TtlCache(cache.repository_ttl, 10_000)
+        self._walks: dict[str, asyncio.Future[Reachable]] = {}
+        self._refresh_after = cache.tag_ttl
         self._on_cache = on_cache or (lambda _cache, _hit: None)
 
     async def run(self, function: Callable[..., T], *args: object) -> T:
@@ -143,6 +167,15 @@ class Content:
                 "storage is unavailable; retry later",
                 headers={"Retry-After": "5"},
             ) from exc
+
+    async def storage_answers(self) -> bool:
+        """Whether storage answers a read now (readiness): one small object's GET, whether
+        or not it exists, within the storage's retry deadline."""
+        try:
+            await self.run(self.storage.read, READINESS_KEY)
+        except RegistryError:
+            return False
+        return True
 
     # tags and repositories
 
@@ -160,6 +193,7 @@ class Content:
         """Seed the cache after this process recorded a tag (on-demand builds)."""
         self._tags.put((repository, tag), digest)
         self._repositories.put(repository, True)
+        self._reachable.pop(repository)
 
     def _read_tag(self, repository: str, tag: str) -> Digest | None:
         try:
@@ -194,6 +228,64 @@ class Content:
                 if len(found) >= limit:
                     break
         return found
+
+    # what a repository serves
+
+    async def serves(self, repository: str, digest: Digest) -> bool:
+        """Whether ``digest`` (a manifest or blob) may be served under ``repository``: the
+        repository's tags or revision links reach it (distribution's repository links)."""
+        known = self._reachable.get(repository)
+        self._on_cache("reachable", known is not None and digest in known.digests)
+        fresh = known is not None and time.monotonic() - known.at < self._refresh_after
+        if known is not None and (digest in known.digests or fresh):
+            return digest in known.digests
+        return digest in (await self._walk_once(repository)).digests
+
+    async def _walk_once(self, repository: str) -> Reachable:
+        """One walk per repository at a time; concurrent callers share it."""
+        running = self._walks.get(repository)
+        if running is not None:
+            return await asyncio.shield(running)
+        future: asyncio.Future[Reachable] = asyncio.get_running_loop().create_future()
+        self._walks[repository] = future
+        try:
+            found = await self._walk(repository)
+            self._reachable.put(repository, found)
+            future.set_result(found)
+            return found
+        except BaseException as exc:
+            future.set_exception(exc)
+            future.exception()  # retrieved: no "never retrieved" warning without waiters
+            raise
+        finally:
+            del self._walks[repository]
+
+    async def _walk(self, repository: str) -> Reachable:
+        started = time.monotonic()
+        pending = await self.run(self._manifest_roots, repository)
+        found: set[Digest] = set()
+        walked = 0
+        while pending and walked < MAX_REACHABLE_MANIFESTS:
+            digest = pending.pop()
+            if digest in found:
+                continue
+            found.add(digest)
+            walked += 1
+            stored = await self.manifest(digest)
+            if stored is None:
+                continue  # garbage-collected: its link goes with the next gc
+            references = manifest_references(stored.data)
+            found.update(references.blobs)
+            pending.extend(references.manifests)
+        return Reachable(frozenset(found), started)
+
+    def _manifest_roots(self, repository: str) -> list[Digest]:
+        """The manifests the repository's tags name now, and its revision links."""
+        tagged = [
+            self._read_tag(repository, tag) for tag in layout.list_tags(self.storage, repository)
+        ]
+        linked = revisions.list_revisions(self.storage, repository)
+        return list(dict.fromkeys([*(d for d in tagged if d is not None), *linked]))
 
     # manifests
 

@@ -20,7 +20,9 @@ JSON_TYPE = "application/json"
 class Code(enum.Enum):
     """``(status, default message)`` per code: the distribution-spec list, plus distribution's
     own RANGE_INVALID, PAGINATION_NUMBER_INVALID, UNAVAILABLE (a storage outage) and UNKNOWN
-    (a bug: the only 500)."""
+    (a bug: the only 500), plus three for requests the HTTP parser refuses (runner.py): the
+    spec has no code for a request that is not valid HTTP, and UNSUPPORTED means an operation
+    this registry does not do (push, delete, an unknown method)."""
 
     BLOB_UNKNOWN = (404, "blob unknown to registry")
     DIGEST_INVALID = (400, "provided digest did not match uploaded content")
@@ -35,6 +37,9 @@ class Code(enum.Enum):
     RANGE_INVALID = (416, "requested range not satisfiable")
     PAGINATION_NUMBER_INVALID = (400, "invalid number of results requested")
     UNAVAILABLE = (503, "service unavailable")
+    REQUEST_INVALID = (400, "malformed HTTP request")
+    URI_TOO_LONG = (414, "request target too long")
+    HEADERS_TOO_LARGE = (431, "request header fields too large")
     UNKNOWN = (500, "unknown error")
 
     @property

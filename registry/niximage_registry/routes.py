@@ -4,28 +4,28 @@ Handlers raise ``RegistryError``; the middleware in ``app`` renders it. Order of
 ``/v2/``: the path's grammar (400, purely syntactic) → authentication (401, before any
 storage read, so a 401 reveals nothing) → method (405 for push and delete) → storage.
 
-Repository scope of blobs and manifests by digest: content is content-addressed and
-shared, and the registry keeps no per-repository links (it is stateless and reads only
-``tags/``). A digest is served under ``<name>`` when ``<name>`` is a *known* repository (it
-has at least one tag) and the content exists. Unknown repositories answer 404
-``NAME_UNKNOWN`` to everything, so a name never probes content. Not checked: that the
-digest is reachable from ``<name>``'s *current* tags. Distribution can check that because
-it keeps every link ever pushed; reachability from current tags alone would break pulls
-by digest of images whose tag has moved on (pods pinned to ``@sha256:…`` on a new node).
-The cost: whoever may pull one repository can fetch a blob of another *if it already
-knows its sha256*, which it can only learn from a manifest it was allowed to read.
+Repository scope of blobs and manifests by digest, as distribution's repository links:
+a digest is served under ``<name>`` only when ``<name>``'s tags, or its revision links (every
+manifest it was ever tagged with, ``niximage_core.revisions``), reach it: a manifest, an
+index's manifests, their configs and layers. A pull by digest of an image whose tag has
+moved on still works under its own repository; whoever may pull one repository cannot
+fetch another's blobs even knowing their digests. Unknown repositories answer 404
+``NAME_UNKNOWN`` to everything, so a name never probes content.
 """
 
 from __future__ import annotations
 
 import json
 import re
+from collections.abc import Callable
+from typing import TypeVar
 from urllib.parse import quote
 
 from aiohttp import web
 
-from niximage_registry import auth, paths
+from niximage_registry import auth, kubeauth, paths
 from niximage_registry.blobs import Blobs
+from niximage_registry.blobs import unknown as unknown_blob
 from niximage_registry.content import Content, Manifest
 from niximage_registry.errors import Code, RegistryError, unsupported
 from niximage_registry.metrics import Metrics
@@ -38,6 +38,7 @@ USER = web.RequestKey("user", str)
 """The authenticated user ("" for anonymous tokens)."""
 API_VERSION = {"Docker-Distribution-Api-Version": "registry/2.0"}
 MAX_PAGE = 10_000
+T = TypeVar("T")
 _HOST = re.compile(r"[A-Za-z0-9.\-]{1,253}(:[0-9]{1,5})?|\[[0-9A-Fa-f:.]{2,45}\](:[0-9]{1,5})?")
 
 
@@ -64,7 +65,7 @@ class Registry:
         target = paths.parse(request.path)
         request[ROUTE] = target.kind.value
         if self.auth is not None:
-            request[USER] = self._authenticate(request, target)
+            request[USER] = await self._authenticate(request, target)
         kind = target.kind
         if kind is paths.Kind.UPLOAD:
             raise unsupported("")
@@ -95,6 +96,8 @@ class Registry:
             assert digest is not None
             if not await self.content.repository_exists(name):
                 raise unknown_name(name)
+            if not await self.content.serves(name, digest):
+                raise await self._unknown_manifest(name, target.reference)
         found = await self.content.manifest(digest)
         if found is None:
             raise await self._unknown_manifest(name, target.reference)
@@ -128,6 +131,8 @@ class Registry:
         assert target.digest is not None
         if not await self.content.repository_exists(target.name):
             raise unknown_name(target.name)
+        if not await self.content.serves(target.name, target.digest):
+            raise unknown_blob(target.digest)
         if request.method == "HEAD":
             return await self.blobs.head(target.digest)
         return await self.blobs.get(request, target.digest)
@@ -154,22 +159,29 @@ class Registry:
 
     # authentication
 
-    def _authenticate(self, request: web.Request, target: paths.Target) -> str:
-        """The caller's name ("" for anonymous), or raise 401 with the challenge."""
+    async def _authenticate(self, request: web.Request, target: paths.Target) -> str:
+        """The caller's name ("" for anonymous), or raise 401 with the challenge (403 for
+        a Kubernetes identity that may not read the repository's namespace)."""
         assert self.auth is not None
         repository = target.name or None
         header = request.headers.get("Authorization", "")
         error = None
         if header[:7].lower() == "bearer ":
-            grant = self.auth.verify(header[7:].strip())
+            token = header[7:].strip()
+            grant = self.auth.verify(token)
             if grant is not None and self.auth.allows(grant, repository):
                 return grant.subject
             error = "invalid_token" if grant is None else "insufficient_scope"
+            if grant is None and self.auth.settings.reviews is not None:
+                # A service account token sent as it is (curl, scripts).
+                identity = await self._kube_login(request, token)
+                if identity is not None:
+                    return await self._authorise(identity, repository)
         elif header and self.auth.settings.allow_basic:
             self._throttle(request)
-            user = self.auth.basic_user(header)
-            if user is not None:
-                return user
+            identity = await self._login(request, auth.basic_credentials(header))
+            if identity is not None:
+                return await self._authorise(identity, repository)
             self.auth.failed_logins.failed(_client(request))
         realm = self.auth.settings.realm or f"{_scheme(request)}://{_safe_host(request)}/token"
         raise RegistryError(
@@ -179,16 +191,70 @@ class Registry:
             headers={"WWW-Authenticate": self.auth.challenge(realm, repository, error)},
         )
 
+    async def _authorise(self, identity: auth.Identity, repository: str | None) -> str:
+        """``identity``'s name if it may pull ``repository``, else 403 DENIED."""
+        if repository is None or await self._pullable(identity, [repository]):
+            return identity.subject
+        raise RegistryError(
+            Code.DENIED,
+            f"{identity.subject} may not pull {repository}",
+            {"name": repository},
+        )
+
+    async def _login(
+        self, request: web.Request, credentials: tuple[str, str] | None
+    ) -> auth.Identity | None:
+        """A static user with its password, or a Kubernetes token as the password."""
+        assert self.auth is not None
+        if credentials is None:
+            return None
+        user, password = credentials
+        if self.auth.check_password(user, password):
+            return auth.Identity(user)
+        return await self._kube_login(request, password)
+
+    async def _kube_login(self, request: web.Request, token: str) -> auth.Identity | None:
+        reviews = self.auth.settings.reviews if self.auth else None
+        if reviews is None or not kubeauth.looks_like_token(token):
+            return None
+        user = await self._review(reviews.user, token)
+        return None if user is None else auth.Identity(user.username, user)
+
+    async def _pullable(self, identity: auth.Identity, repositories: list[str]) -> list[str]:
+        """The repositories ``identity`` may pull: all for static users; for Kubernetes
+        identities those whose namespace lets it ``get`` NixImages."""
+        reviews = self.auth.settings.reviews if self.auth else None
+        if identity.kube is None:
+            return repositories
+        if reviews is None:
+            return []
+        by_namespace = {repo: kubeauth.namespace_of(repo) for repo in repositories}
+        wanted = sorted({ns for ns in by_namespace.values() if ns is not None})
+        allowed = await self._review(reviews.allowed_namespaces, identity.kube, wanted)
+        return [repo for repo, ns in by_namespace.items() if ns in allowed]
+
+    async def _review(self, function: Callable[..., T], *args: object) -> T:
+        """A blocking Kubernetes review, off the loop; an API server outage is a 503."""
+        try:
+            return await self.content.run(function, *args)
+        except kubeauth.ReviewUnavailable:
+            raise RegistryError(
+                Code.UNAVAILABLE,
+                "authorisation is unavailable; retry later",
+                headers={"Retry-After": "5"},
+            ) from None
+
     async def token(self, request: web.Request) -> web.Response:
         """The token endpoint: GET with Basic credentials, or containerd's POST grant."""
         request[ROUTE] = "token"
         assert self.auth is not None
         self._throttle(request)
+        identity: auth.Identity | None
         if request.method == "GET":
             scopes = request.query.getall("scope", [])
             header = request.headers.get("Authorization")
-            user = self.auth.basic_user(header) if header else None
-            if header and user is None:
+            identity = await self._login(request, auth.basic_credentials(header))
+            if header and identity is None:
                 raise self._bad_credentials(request)
         elif request.method == "POST":
             try:
@@ -197,16 +263,21 @@ class Registry:
                 raise self._bad_credentials(request) from None
             if form.get("grant_type") != "password":
                 raise RegistryError(Code.UNSUPPORTED, "only the password grant", status=400)
-            user = str(form.get("username", ""))
-            if not self.auth.check_password(user, str(form.get("password", ""))):
+            credentials = (str(form.get("username", "")), str(form.get("password", "")))
+            identity = await self._login(request, credentials)
+            if identity is None:
                 raise self._bad_credentials(request)
             scopes = [str(s) for s in form.getall("scope", [])]
         else:
             raise unsupported("GET, POST")
-        if user is None and not self.auth.settings.anonymous_pull:
+        if identity is None and not self.auth.settings.anonymous_pull:
             raise self._bad_credentials(request)
-        granted = self.auth.grant(user, scopes)
-        return web.json_response(self.auth.issue(user or "", granted))
+        subject = identity.subject if identity else None
+        granted = self.auth.grant(subject, scopes)
+        if identity is not None:
+            # The token spec: grant the intersection of what was asked and what is allowed.
+            granted = await self._pullable(identity, granted)
+        return web.json_response(self.auth.issue(subject or "", granted))
 
     def _throttle(self, request: web.Request) -> None:
         """429 for a client that failed to log in too often of late."""
@@ -235,6 +306,16 @@ class Registry:
     async def healthz(self, request: web.Request) -> web.Response:
         request[ROUTE] = "healthz"
         return web.json_response({"status": "ok"})
+
+    async def readyz(self, request: web.Request) -> web.Response:
+        """Ready while storage answers: a replica that cannot read storage leaves the
+        Service's endpoints, and pulls go to the others."""
+        request[ROUTE] = "readyz"
+        if await self.content.storage_answers():
+            return web.json_response({"status": "ok"})
+        return web.json_response(
+            {"status": "storage unavailable"}, status=503, headers={"Retry-After": "5"}
+        )
 
     async def metrics_page(self, request: web.Request) -> web.Response:
         request[ROUTE] = "metrics"

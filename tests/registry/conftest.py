@@ -43,9 +43,7 @@ async def make_client(
     """``await make_client(settings=None, storage=store)``."""
     clients: list[TestClient] = []
 
-    async def make(
-        settings: AppSettings | None = None, storage: object = None
-    ) -> TestClient:
+    async def make(settings: AppSettings | None = None, storage: object = None) -> TestClient:
         app = make_app(storage or store, settings)  # type: ignore[arg-type]
         client = TestClient(JsonErrorsTestServer(app, host="127.0.0.1"))
         await client.start_server()

@@ -18,8 +18,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 
-from niximage_core import imagespec, layout, manifest, sources
+from niximage_core import imagespec, layout, manifest, revisions, sources
 from niximage_core.digest import Digest
+from niximage_core.storage.base import Storage
 from niximage_core.storage.filesystem import FilesystemStorage
 from testsupport import env as source_env
 
@@ -75,6 +76,9 @@ def write_images(store: FilesystemStorage) -> Image:
     ).encode()
     index_digest = store.put_blob(index)
     big = store.put_blob(b"x" * (5 * 1024 * 1024))
+    # test/app once had an image with the big blob as a layer: its tag moved on, its
+    # revision link stays, so the blob is still served under test/app (and only there).
+    link_blob(store, "test/app", big, oci)
     tags = {
         "test/app": {"latest": oci, "docker": images["docker"][1], "index": None},
         "other/repo": {"latest": oci},
@@ -90,6 +94,18 @@ def write_images(store: FilesystemStorage) -> Image:
     return Image(
         oci, oci_config, layer, layer_digest, images["docker"][1], index, index_digest, big
     )
+
+
+def link_blob(store: Storage, repository: str, blob: Digest, like: manifest.Blob) -> Digest:
+    """Make ``blob`` servable under ``repository``: a manifest (``like``, with ``blob`` as
+    its layer) that the repository was once tagged with, through its revision link. The
+    registry serves a blob only under repositories that reach it."""
+    image = json.loads(like.data)
+    size = store.blob_size(blob)
+    image["layers"] = [{**image["layers"][0], "digest": str(blob), "size": size}]
+    digest = store.put_blob(json.dumps(image).encode())
+    store.write(revisions.revision_path(repository, digest), str(digest).encode())
+    return digest
 
 
 class RegistryProcess:

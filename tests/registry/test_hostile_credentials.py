@@ -126,16 +126,19 @@ async def test_a_malformed_request_logs_one_line_without_a_traceback(
     client = await make_client()
     with caplog.at_level("DEBUG", logger="aiohttp.server"):
         malformed = [
-            b"GET /v2/ HTTP/1.1\r\nHost: x\r\nBad Header\r\n\r\n",
-            b"GET /v2/ HTTP/1.1\r\nHost: x\r\nX: " + b"a" * 9000 + b"\r\n\r\n",
+            (b"GET /v2/ HTTP/1.1\r\nHost: x\r\nBad Header\r\n\r\n", 400),
+            (b"GET /v2/ HTTP/1.1\r\nHost: x\r\nX: " + b"a" * 9000 + b"\r\n\r\n", 431),
         ]
-        for request in malformed:
+        for request, expected in malformed:
             status, body = await raw(client, request)
-            assert status == 400 and body["errors"][0]["code"]
-    records = [r for r in caplog.records if r.name == "aiohttp.server"]
-    assert len(records) == 2, [r.getMessage() for r in records]
+            assert status == expected and body["errors"][0]["code"]
+    # One line per refusal class and interval (limits.RefusalLog): both are "malformed".
+    records = [
+        r for r in caplog.records if r.name in ("aiohttp.server", "niximage.registry.connections")
+    ]
+    assert len(records) == 1, [r.getMessage() for r in records]
     assert all(r.exc_info is None and r.levelname == "WARNING" for r in records)
-    assert all("malformed request" in r.getMessage() for r in records)
+    assert all("HTTP parser could not accept" in r.getMessage() for r in records)
 
 
 async def test_failed_logins_are_throttled_per_client(make_client: Any, image: Any) -> None:

@@ -129,7 +129,28 @@ CASES = [
         body="oci",
     ),
     Case("child of an index by digest", "HEAD", "/v2/test/app/manifests/{oci}", 200),
-    Case("digest under another repository", "GET", "/v2/other/repo/manifests/{index}", 200),
+    Case(
+        "a manifest other/repo never had",
+        "GET",
+        "/v2/other/repo/manifests/{index}",
+        404,
+        code="MANIFEST_UNKNOWN",
+    ),
+    Case("a manifest other/repo has", "GET", "/v2/other/repo/manifests/{oci}", 200),
+    Case("a blob of test/app's old revision", "HEAD", "/v2/test/app/blobs/{big}", 200),
+    Case(
+        "a blob other/repo never had",
+        "GET",
+        "/v2/other/repo/blobs/{big}",
+        404,
+        code="BLOB_UNKNOWN",
+    ),
+    Case(
+        "a blob other/repo never had, HEAD",
+        "HEAD",
+        "/v2/other/repo/blobs/{big}",
+        404,
+    ),
     Case(
         "digest under unknown repository",
         "GET",
@@ -365,8 +386,9 @@ CASES = [
         "method the parser refuses",
         "FROB",
         "/v2/test/app/manifests/latest",
-        400,
+        405,
         code="UNSUPPORTED",
+        expect={"Allow": "GET, HEAD"},
     ),
     Case("OPTIONS", "OPTIONS", "/v2/test/app/manifests/latest", 405),
     # other routes
@@ -486,8 +508,8 @@ async def test_unknown_routes_and_errors_never_read_outside_storage(
 
 async def test_huge_header_is_a_json_4xx(client: TestClient, image: Image) -> None:
     response = await client.get("/v2/test/app/manifests/latest", headers={"X-Big": "x" * 20000})
-    assert 400 <= response.status < 500
-    assert json.loads(await response.read())["errors"][0]["code"] == "UNSUPPORTED"
+    assert response.status == 431
+    assert json.loads(await response.read())["errors"][0]["code"] == "HEADERS_TOO_LARGE"
 
 
 async def test_repeated_accept_headers_are_fine(client: TestClient, image: Image) -> None:

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from niximage_core.storage.filesystem import FilesystemStorage
-from tests.registry.support import ROOT, RegistryProcess, write_images
+from tests.registry.support import ROOT, RegistryProcess, link_blob, write_images
 from testsupport import env as source_env
 
 _OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}))
@@ -61,9 +61,10 @@ def test_no_access_log(served: tuple[Path, object]) -> None:
 
 def test_graceful_shutdown_finishes_the_download_in_flight(tmp_path: Path) -> None:
     store = FilesystemStorage(tmp_path / "store")
-    write_images(store)
+    image = write_images(store)
     data = os.urandom(64 * 1024 * 1024)
     digest = store.put_blob(data)
+    link_blob(store, "test/app", digest, image.manifest)
     with RegistryProcess(tmp_path / "store", "--shutdown-timeout", "20") as registry:
         host, port = registry.address.split(":")
         with socket.create_connection((host, int(port))) as conn:

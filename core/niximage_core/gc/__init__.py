@@ -15,7 +15,9 @@ What goes (sweep), in this order, so that a name goes before what it names:
 1. ``builds/<key>`` successes that are not recent and whose manifest no tag or lease reaches.
    Failures stay: they hold no blobs, carry no timestamp, and tell the operator not to retry.
 2. Blobs that are not marked and older than the grace period.
-3. ``layers/<key>`` entries whose blob is gone (a cache: a wrong deletion costs a repack).
+3. ``layers/<key>`` entries whose blob is gone (a cache: a wrong deletion costs a repack),
+   and revision links ``revisions/<repository>/_manifests/<hex>`` whose manifest is gone
+   (they are not roots: they only scope pulls by digest to the repositories that had it).
 4. Expired leases, and temporary uploads older than the grace period (crashed writers).
 
 ``--dry-run`` marks and lists what the sweep would delete, deleting nothing.

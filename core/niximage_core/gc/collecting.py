@@ -27,6 +27,7 @@ from niximage_core.gc.marking import (
 from niximage_core.gc.reports import Report
 from niximage_core.gc.roots import READERS, LeaseRecord, Roots, read_all, read_roots, result_digests
 from niximage_core.result import BuildResult
+from niximage_core.revisions import REVISIONS_ROOT, revision_digest
 from niximage_core.storage.base import Storage
 from niximage_core.units import format_duration
 
@@ -158,6 +159,26 @@ class _Collector:
                 dead.append(key)
         return dead
 
+    def dead_revisions(self, doomed: Mapping[Digest, int]) -> list[str]:
+        """Revision links whose manifest is doomed or missing (or whose key names none)."""
+        dead = []
+        for key in sorted(self.storage.list(REVISIONS_ROOT)):
+            digest = revision_digest(key)
+            if digest is None or digest in doomed or digest not in self.blobs:
+                dead.append(key)
+        return dead
+
+    def delete_revisions(self, keys: list[str]) -> list[str]:
+        deleted = []
+        for key in keys:
+            digest = revision_digest(key)
+            # Only if the manifest is gone now: it may have been tagged again meanwhile.
+            if digest is not None and self.storage.blob_size(digest) is not None:
+                continue
+            self.storage.delete(key)
+            deleted.append(key)
+        return deleted
+
     def expired_leases(self) -> list[str]:
         now = time.time()
         expired = [lease.key for lease in self.roots.leases if not lease.live(now)]
@@ -260,12 +281,14 @@ def collect(storage: Storage, grace: float = DEFAULT_GRACE, dry_run: bool = Fals
         report.blobs = doomed
         report.builds = old_builds
         report.layers = run.dead_layer_entries(doomed)
+        report.revisions = run.dead_revisions(doomed)
         report.leases = expired
         report.uploads = count_stale_uploads(storage, grace)
     else:
         report.builds = run.delete_builds(old_builds)
         report.blobs = run.delete_blobs(doomed)
         report.layers = run.delete_layer_entries(run.dead_layer_entries(report.blobs))
+        report.revisions = run.delete_revisions(run.dead_revisions(report.blobs))
         for key in expired:
             storage.delete(key)
         report.leases = expired

@@ -30,6 +30,7 @@ class Report:
     """Candidates kept after all: touched or referenced while gc ran."""
     builds: list[str] = field(default_factory=list)
     layers: list[str] = field(default_factory=list)
+    revisions: list[str] = field(default_factory=list)
     leases: list[str] = field(default_factory=list)
     uploads: int = 0
     restored: int = 0
@@ -60,6 +61,7 @@ class Report:
             "spared": sorted(str(d) for d in self.spared),
             "builds": self.builds,
             "layers": self.layers,
+            "revisions": self.revisions,
             "leases": self.leases,
             "uploads": self.uploads,
             "restored": self.restored,
@@ -77,6 +79,7 @@ class Report:
             f"{self.tags} tags, {self.recent_builds} recent builds, {self.live_leases} leases",
             f"{verb}: {len(self.blobs)} blobs ({format_bytes(self.bytes)}), "
             f"{len(self.builds)} build results, {len(self.layers)} layer entries, "
+            f"{len(self.revisions)} revision links, "
             f"{len(self.leases)} expired leases, {self.uploads} stale uploads",
         ]
         if self.spared:

@@ -205,6 +205,7 @@ def read_leases(storage: Storage) -> tuple[list[LeaseRecord], list[str]]:
 
 # ---- roots ---------------------------------------------------------------------------
 
+
 @dataclass
 class Roots:
     """What references blobs, as read at ``started`` (monotonic)."""

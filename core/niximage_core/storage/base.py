@@ -7,6 +7,8 @@ Layout (both backends, docs/architecture.md#storage-layout):
     builds/<build key>          JSON build result
     tags/<repository>/_tags/<tag>  the manifest digest a tag points at (layout.tag_path)
     owners/<ns>/<name>/<uid>/<tag>  which NixImage a tag is (niximage_operator.ownership)
+    revisions/<repository>/_manifests/<hex>  manifests a repository was tagged with
+    registry/readiness          never written: the registry's readiness probe reads it
 
 Blobs become visible only complete and verified (``BlobWriter.commit``); metadata objects
 are small and replaced atomically. Content types are not stored: a manifest carries its
@@ -33,7 +35,7 @@ def check_key(key: str) -> str:
     parts = key.split("/")
     if len(key) > 1024 or len(parts) < 2 or not all(_KEY_PART.fullmatch(p) for p in parts):
         raise InvalidInput(f"invalid storage key: {key[:200]!r}")
-    if parts[0] not in ("layers", "builds", "tags", "owners", "gc"):
+    if parts[0] not in ("layers", "builds", "tags", "owners", "revisions", "registry", "gc"):
         raise InvalidInput(f"invalid storage key prefix: {key[:200]!r}")
     return key
 
@@ -187,8 +189,6 @@ class Storage(Protocol):
         """Settle the deletions a killed gc left half done: a blob modified at or after
         ``cutoff`` is put back, any other finally deleted. How many were put back."""
         ...
-
-
 
 
 def iter_chunks(stream: BinaryIO, size: int = 1 << 20) -> Iterator[bytes]:

@@ -28,16 +28,19 @@ import io
 import logging
 import os
 import re
+import threading
 import time
 from collections.abc import Iterator
 from typing import Any, BinaryIO, cast
 
+import requests
+import urllib3
 from google.api_core import exceptions as api_exceptions
 from google.api_core.retry import Retry
 from google.auth import exceptions as auth_exceptions
 from google.auth.credentials import AnonymousCredentials
+from google.auth.transport.requests import AuthorizedSession
 from google.cloud import storage
-from google.cloud.storage.fileio import BlobReader
 from google.cloud.storage.retry import DEFAULT_RETRY
 
 from niximage_core.checkpoints import checkpoint
@@ -57,6 +60,10 @@ _MAX_SIGNED_TTL = 7 * 24 * 3600  # the V4 signing limit
 _HEX = re.compile(r"[a-f0-9]{64}")
 _PREFIX_PART = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]*")
 _EMULATOR_PROJECT = "niximage-emulator"
+_STREAM_POOL = 1024  # idle connections kept for blob reads (one per concurrent read)
+_STREAM_TIMEOUT = (10, 60)  # connect, and between two bytes of a response (the library's 60)
+# A blob read's connection dropping mid-response (reopened at the offset reached).
+_STREAM_ERRORS = (urllib3.exceptions.HTTPError, requests.RequestException, ConnectionError)
 _TOUCH_KEY = "niximage-touched"  # the metadata a touch sets (a rewrite must change something)
 
 
@@ -110,6 +117,8 @@ class GcsStorage:
         self.retry = retry
         self.chunk_size = chunk_size
         self._signer = UrlSigner(self._client._credentials)
+        self._streams: requests.Session | None = None
+        self._stream_lock = threading.Lock()
 
     # names
 
@@ -134,9 +143,20 @@ class GcsStorage:
         blob = self._get(name)
         if blob is None:
             raise NotFound(f"blob {digest} not found in {self.url}")
-        # The blob now carries its generation and size: reads are pinned to this object.
-        reader = BlobReader(blob, chunk_size=self.chunk_size, retry=self.retry)
-        return cast(BinaryIO, _Reader(reader, gs(blob)))
+        return cast(BinaryIO, _Reader(self, blob))
+
+    def stream_session(self) -> requests.Session:
+        """The session blob reads stream over: its own, with a pool as large as the number
+        of blobs read at once can be (the client's pool keeps 10 connections and warns at
+        every one it discards)."""
+        with self._stream_lock:
+            if self._streams is None:
+                session = AuthorizedSession(self._client._credentials)
+                adapter = requests.adapters.HTTPAdapter(pool_maxsize=_STREAM_POOL)
+                session.mount("https://", adapter)
+                session.mount("http://", adapter)
+                self._streams = session
+            return self._streams
 
     @contextlib.contextmanager
     def blob_writer(self) -> Iterator[GcsBlobWriter]:
@@ -282,6 +302,8 @@ class GcsStorage:
                 yield blob
 
     def close(self) -> None:
+        if self._streams is not None:
+            self._streams.close()
         if self._own_client:
             self._client.close()
 
@@ -347,20 +369,78 @@ class GcsStorage:
 
 
 class _Reader(io.BufferedIOBase):
-    """A committed blob's bytes, seekable; library errors become ``StorageError``."""
+    """A committed blob's bytes from one streaming GET, read as the caller asks and never
+    ahead: memory per open blob is what one ``read`` returns, whatever the blob's size (a
+    ``BlobReader`` buffers a ``chunk_size`` range per reader: 8 MiB a concurrent stream).
 
-    def __init__(self, reader: BlobReader, where: str) -> None:
+    A dropped connection is reopened at the current offset through ``retry``; a second drop
+    with no byte read in between is an error. ``seek`` closes the response; the next read
+    asks from the new offset. Errors become ``StorageError`` (``NotFound`` when the object
+    is gone)."""
+
+    def __init__(self, storage: GcsStorage, blob: storage.Blob) -> None:
         super().__init__()
-        self._reader = reader
-        self._where = where
+        self._session = storage.stream_session()
+        # The generation pins every request to the object looked up, as BlobReader did.
+        self._url = blob._get_download_url(storage._client)
+        self._size = int(blob.size or 0)
+        self._retry = storage.retry
+        self._where = gs(blob)
+        self._position = 0
+        self._response: requests.Response | None = None
+        self._failed_at: int | None = None
 
     def read(self, size: int | None = -1) -> bytes:
+        wanted = self._size - self._position
+        if size is not None and size >= 0:
+            wanted = min(wanted, size)
+        while wanted > 0:
+            try:
+                data = self._body().raw.read(wanted, decode_content=False)
+            except api_exceptions.NotFound as exc:
+                raise NotFound(f"{self._where} disappeared while being read") from exc
+            except _STREAM_ERRORS as exc:
+                self._dropped(exc)
+                continue
+            if not data:
+                self._dropped(ConnectionError("the response ended early"))
+                continue
+            self._position += len(data)
+            return bytes(data)
+        return b""
+
+    def _body(self) -> requests.Response:
+        if self._response is None:
+            try:
+                self._response = self._retry(self._open)()
+            except api_exceptions.NotFound:
+                raise
+            except LIBRARY_ERRORS as exc:
+                fail(f"reading {self._where}", exc)
+        return self._response
+
+    def _open(self) -> requests.Response:
+        headers = {"Range": f"bytes={self._position}-{self._size - 1}"}
+        response = self._session.get(
+            self._url, headers=headers, stream=True, timeout=_STREAM_TIMEOUT
+        )
+        if response.status_code == 206 or (response.status_code == 200 and not self._position):
+            return response
         try:
-            return bytes(self._reader.read(-1 if size is None else size))
-        except api_exceptions.NotFound as exc:
-            raise NotFound(f"{self._where} disappeared while being read") from exc
-        except LIBRARY_ERRORS as exc:
-            fail(f"reading {self._where}", exc)
+            raise api_exceptions.from_http_response(response)
+        finally:
+            response.close()
+
+    def _dropped(self, exc: BaseException) -> None:
+        self._close_response()
+        if self._failed_at == self._position:
+            fail(f"reading {self._where} at byte {self._position}", exc)
+        self._failed_at = self._position
+
+    def _close_response(self) -> None:
+        if self._response is not None:
+            self._response.close()
+            self._response = None
 
     def read1(self, size: int = -1) -> bytes:
         return self.read(size)
@@ -371,13 +451,15 @@ class _Reader(io.BufferedIOBase):
         return len(data)
 
     def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
-        try:
-            return int(self._reader.seek(offset, whence))
-        except LIBRARY_ERRORS as exc:
-            fail(f"seeking in {self._where}", exc)
+        base = {io.SEEK_SET: 0, io.SEEK_CUR: self._position, io.SEEK_END: self._size}[whence]
+        position = max(0, min(base + offset, self._size))
+        if position != self._position:
+            self._close_response()
+            self._position, self._failed_at = position, None
+        return position
 
     def tell(self) -> int:
-        return int(self._reader.tell())
+        return self._position
 
     def readable(self) -> bool:
         return True
@@ -386,7 +468,7 @@ class _Reader(io.BufferedIOBase):
         return True
 
     def close(self) -> None:
-        self._reader.close()
+        self._close_response()
         super().close()
 
 
