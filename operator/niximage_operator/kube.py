@@ -11,8 +11,10 @@ resourceVersion, and NixImage status is written only to the ``/status`` subresou
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 from collections.abc import Callable, Mapping
+from datetime import datetime
 from typing import Any
 
 import pykube
@@ -158,6 +160,82 @@ class Kube:
                 if exc.status != 409:
                     raise
         return False
+
+    # plain objects (pull Secrets and their service account: niximage_operator.pullsecrets)
+
+    async def get(self, version: str, url: str) -> dict[str, Any] | None:
+        """One object, or None when it does not exist."""
+        try:
+            return await self._call("get", version=version, url=url)
+        except KubeError as exc:
+            if exc.status == 404:
+                return None
+            raise
+
+    async def create_if_absent(self, version: str, url: str, manifest: Mapping[str, Any]) -> None:
+        """Create an object in the collection ``url``; one that exists already is kept."""
+        with contextlib.suppress(AlreadyExists):
+            await self._call("post", version=version, url=url, data=json.dumps(manifest))
+
+    async def put(
+        self,
+        version: str,
+        url: str,
+        name: str,
+        manifest: Mapping[str, Any],
+        stored: Mapping[str, Any] | None,
+    ) -> None:
+        """Create the object, or replace ``stored`` with it (guarded by its
+        resourceVersion: a concurrent writer makes us read it again and retry)."""
+        for _ in range(CONFLICT_RETRIES):
+            if stored is None:
+                try:
+                    await self._call("post", version=version, url=url, data=json.dumps(manifest))
+                    return
+                except AlreadyExists:
+                    stored = await self.get(version, f"{url}/{name}")
+                    continue
+            metadata = {
+                **manifest["metadata"],
+                "resourceVersion": stored["metadata"]["resourceVersion"],
+            }
+            try:
+                await self._call(
+                    "put",
+                    version=version,
+                    url=f"{url}/{name}",
+                    data=json.dumps({**manifest, "metadata": metadata}),
+                )
+                return
+            except KubeError as exc:
+                if exc.status not in (404, 409):
+                    raise
+                stored = await self.get(version, f"{url}/{name}")
+        raise KubeError(409, f"{url}/{name} kept changing while replacing it")
+
+    async def request_token(
+        self, namespace: str, service_account: str, seconds: int
+    ) -> tuple[str, datetime]:
+        """A bound token of a service account (the TokenRequest API), and its expiry."""
+        request = {
+            "apiVersion": "authentication.k8s.io/v1",
+            "kind": "TokenRequest",
+            "spec": {"expirationSeconds": seconds},
+        }
+        answer = await self._call(
+            "post",
+            version="v1",
+            url=f"namespaces/{namespace}/serviceaccounts/{service_account}/token",
+            data=json.dumps(request),
+        )
+        status = answer.get("status") or {}
+        try:
+            expires = datetime.fromisoformat(
+                str(status["expirationTimestamp"]).replace("Z", "+00:00")
+            )
+            return str(status["token"]), expires
+        except (KeyError, ValueError) as exc:
+            raise KubeError(0, f"TokenRequest answered without a token: {exc}") from exc
 
     def image_uids_blocking(self, namespaces: list[str]) -> set[str]:
         """The uids of every NixImage (in ``namespaces``; empty: the whole cluster), read

@@ -26,6 +26,7 @@ from niximage_operator import conditions, decisions, observations, ownership, po
 from niximage_operator.kube import AlreadyExists, Kube, KubeError
 from niximage_operator.metrics import Metrics
 from niximage_operator.observations import BuildFailure, PodObservation
+from niximage_operator.pullsecrets import PullSecrets
 from niximage_operator.settings import OperatorSettings
 
 RESERVATION_TTL = 120.0
@@ -79,18 +80,26 @@ class Context:
     slots: Slots
     clock: Callable[[], datetime] = field(default=lambda: datetime.now(UTC))
     metrics: Metrics = field(default_factory=Metrics)
+    pull_secrets: PullSecrets | None = None
 
     @classmethod
     def open(cls, settings: OperatorSettings) -> Context:
         sources = specs.PackageSources.configure(
             settings.default_package_source, settings.package_sources
         )
+        kube = Kube.from_environment()
+        pull_secrets = None
+        if settings.pull_secrets:
+            pull_secrets = PullSecrets(
+                kube, settings.registry, settings.puller_cluster_role, settings.pull_token_seconds
+            )
         return cls(
             settings=settings,
             package_sources=sources,
             storage=factory.open_storage(settings.storage),
-            kube=Kube.from_environment(),
+            kube=kube,
             slots=Slots(settings.max_concurrent_builds),
+            pull_secrets=pull_secrets,
         )
 
     def close(self) -> None:
@@ -151,11 +160,30 @@ async def reconcile(
     except InvalidInput as exc:
         return _finish(ctx, old, conditions.invalid(str(exc)), None, generation)
     try:
-        return await _reconcile_target(ctx, body, target, old, pods_of, all_pods, retry)
+        outcome = await _reconcile_target(ctx, body, target, old, pods_of, all_pods, retry)
     except NixImageError as exc:  # storage, seen by the operator itself
         return _storage_trouble(ctx, old, target, exc, retry)
     except KubeError as exc:
         return Reconciled({}, [], KUBE_RETRY_DELAY, str(exc))
+    return await _with_pull_secret(ctx, target.namespace, old, outcome)
+
+
+async def _with_pull_secret(
+    ctx: Context, namespace: str, old: Mapping[str, Any], outcome: Reconciled
+) -> Reconciled:
+    """Name the namespace's pull Secret in the status, once it holds a good token. A
+    failure is an event, not a failed reconcile: the image is built all the same, and the
+    next reconcile or sweep tries again."""
+    if ctx.pull_secrets is None:
+        return outcome
+    try:
+        name = await ctx.pull_secrets.ensure(namespace)
+    except KubeError as exc:
+        event = conditions.Event(True, "PullSecretFailed", f"cannot keep the pull Secret: {exc}")
+        return dataclasses.replace(outcome, events=[*outcome.events, event])
+    if old.get("pullSecret") == name:
+        return outcome
+    return dataclasses.replace(outcome, status={**outcome.status, "pullSecret": name})
 
 
 async def _reconcile_target(

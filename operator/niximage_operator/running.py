@@ -18,6 +18,7 @@ import kopf
 from niximage_core.errors import NixImageError
 from niximage_operator import collecting, handlers, podspec, reconciling
 from niximage_operator.kube import KubeError
+from niximage_operator.pullsecrets import PullSecrets
 from niximage_operator.settings import OperatorSettings
 
 COMPONENT = "niximage-operator"
@@ -62,6 +63,10 @@ async def operate(
     collection runs beside kopf in the same event loop."""
     context = context or reconciling.Context.open(config)
     sweeper = asyncio.create_task(_sweep_forever(context, config.sweep_interval))
+    renewer: asyncio.Task[None] | None = None
+    if context.pull_secrets is not None:
+        every = min(config.sweep_interval, config.pull_token_seconds / 4)
+        renewer = asyncio.create_task(_renew_pull_secrets_forever(context.pull_secrets, every))
     collector: asyncio.Task[None] | None = None
     if config.gc_interval is not None:
         schedule = collecting.Schedule(config.gc_interval, config.gc_grace)
@@ -87,7 +92,7 @@ async def operate(
         if metrics_server is not None:
             metrics_server.shutdown()
             metrics_server.server_close()
-        for task in (sweeper, collector):
+        for task in (sweeper, collector, renewer):
             if task is not None:
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
@@ -104,6 +109,17 @@ async def _sweep_forever(context: reconciling.Context, interval: float) -> None:
         except (NixImageError, KubeError) as exc:
             logger.warning("sweep for tags of deleted NixImages failed: %s", exc)
         await asyncio.sleep(interval)
+
+
+async def _renew_pull_secrets_forever(secrets: PullSecrets, interval: float) -> None:
+    """Renew the pull Secrets' tokens that are due, every ``interval`` (a quarter of their
+    lifetime at most, so a token is renewed well before it expires)."""
+    while True:
+        await asyncio.sleep(interval)
+        try:
+            await secrets.refresh()
+        except KubeError as exc:
+            logger.warning("renewing pull Secrets failed: %s", exc)
 
 
 def run(config: OperatorSettings) -> None:

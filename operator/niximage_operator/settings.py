@@ -105,6 +105,16 @@ class OperatorSettings(BaseSettings):
     """Seconds between sweeps for tags of NixImages deleted while no operator watched (the
     first runs at start)."""
 
+    pull_secrets: bool = False
+    """Keep a pull Secret (``niximage-pull``) in every namespace that has NixImages, for a
+    registry that checks service account tokens (``niximage serve --auth-kubernetes``);
+    its name goes into each NixImage's ``status.pullSecret``."""
+    puller_cluster_role: str = "niximage-puller"
+    """The ClusterRole (``get`` NixImages) that each namespace's puller service account is
+    bound to, in its namespace only."""
+    pull_token_seconds: int = Field(default=86400, ge=600)
+    """Lifetime of the pull Secrets' tokens; each is renewed when half of it has passed."""
+
     @field_validator(
         "package_sources", "builder_command", "builder_image_pull_secrets", "namespaces",
         mode="before",

@@ -2,8 +2,9 @@
 
 Uses ``../shared/kube`` (or ``$NIXIMAGE_KUBE_BIN``) and Debian's etcd: without them every
 test here skips with one line saying what is missing. The session starts the control plane
-(kubesupport.controlplane), applies the CRD and the operator's identity exactly as the chart
-renders it (ServiceAccount, roles, bindings), starts the kubelet stand-in as node
+(kubesupport.controlplane), applies the CRD and the identities exactly as the chart
+renders them (the operator's and the registry's ServiceAccounts, roles, bindings), with
+pull authorisation by service account tokens on, starts the kubelet stand-in as node
 ``node-amd64`` with the storage claim mapped to a directory here, and runs ``niximage
 operator`` with the chart's environment and a token of the chart's service account from
 the TokenRequest API. The operator's storage is that directory (in a cluster, the claim
@@ -91,6 +92,9 @@ def kube(
             "storage.type": "filesystem",
             "packageSource.default": _pinned_testpkgs(),
             "registry.host": REGISTRY,
+            # Pull authorisation by service account tokens: the operator keeps pull Secrets.
+            "registry.auth.enabled": "true",
+            "registry.auth.kubernetes": "true",
         }
     )
     admin.apply(*chart.identity)

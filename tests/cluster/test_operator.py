@@ -222,6 +222,38 @@ def test_gitops_server_side_apply_never_conflicts_with_the_operator(
     assert spec_owners == {manager}, fields
 
 
+def test_a_pull_secret_due_for_renewal_gets_a_new_token(
+    operator_running: Cluster, tenant: str
+) -> None:
+    """Every namespace with NixImages gets the pull Secret (whatever the build's outcome);
+    a token past half its lifetime is replaced, here at the operator's restart."""
+    kube = operator_running
+    kube.admin.apply(nix_image("puller", ["no-such-package"]), namespace=tenant)
+    eventually(
+        lambda: (
+            image(kube, tenant, "puller").get("status", {}).get("pullSecret") == "niximage-pull"
+            or None
+        ),
+        BUILD_TIMEOUT,
+        "status.pullSecret",
+    )
+    secret = kube.admin.get("secret", "niximage-pull", tenant) or {}
+    assert secret["type"] == "kubernetes.io/dockerconfigjson"
+    expires = "niximage.dev/token-expires"
+    kube.admin.run("annotate", "--overwrite", "-n", tenant, "secret/niximage-pull",
+                   f"{expires}=2000-01-01T00:00:00Z")  # fmt: skip
+    assert kube.operator.stop() == 0, kube.operator.tail()
+    kube.operator.start()
+
+    def renewed() -> dict[str, Any] | None:
+        now = kube.admin.get("secret", "niximage-pull", tenant) or {}
+        stamp = now.get("metadata", {}).get("annotations", {}).get(expires)
+        return now if stamp not in (None, "2000-01-01T00:00:00Z") else None
+
+    fresh = eventually(renewed, 60, "the pull Secret renewed")
+    assert fresh["data"] != secret["data"]
+
+
 def test_helm_install_dry_run_against_the_server(kube: Cluster, tmp_path: Path) -> None:
     """The chart's kubeVersion admits this server, and the server accepts every object."""
     version = kube.admin.run("version", "-o", "json").stdout

@@ -47,14 +47,29 @@ def by_kind(objects: list[dict[str, Any]], kind: str) -> list[dict[str, Any]]:
     return [obj for obj in objects if obj["kind"] == kind]
 
 
-def deployment(objects: list[dict[str, Any]]) -> dict[str, Any]:
-    (found,) = by_kind(objects, "Deployment")
+COMPONENTS = ("operator", "registry")
+"""The chart's two Deployments, by their ``app.kubernetes.io/component``; each pod runs
+one container of that name."""
+
+
+def deployment(objects: list[dict[str, Any]], component: str = "operator") -> dict[str, Any]:
+    (found,) = [
+        obj
+        for obj in by_kind(objects, "Deployment")
+        if obj["metadata"]["labels"]["app.kubernetes.io/component"] == component
+    ]
     return found
 
 
+def pod_spec(objects: list[dict[str, Any]], component: str = "operator") -> dict[str, Any]:
+    spec: dict[str, Any] = deployment(objects, component)["spec"]["template"]["spec"]
+    return spec
+
+
 def container(objects: list[dict[str, Any]], name: str) -> dict[str, Any]:
-    containers = deployment(objects)["spec"]["template"]["spec"]["containers"]
-    return next(c for c in containers if c["name"] == name)
+    (found,) = pod_spec(objects, name)["containers"]
+    assert found["name"] == name
+    return dict(found)
 
 
 def load_values(path: Path) -> dict[str, Any]:
@@ -119,22 +134,60 @@ def test_every_object_is_labelled_and_namespaced(
 # ---- the pod ----------------------------------------------------------------------------------
 
 
-def test_one_replica_replaced_never_rolled(rendered: tuple[Path, list[dict[str, Any]]]) -> None:
+def test_one_operator_replaced_never_rolled(rendered: tuple[Path, list[dict[str, Any]]]) -> None:
     """kopf: one active operator; Recreate, so an upgrade never runs two at once."""
     spec = deployment(rendered[1])["spec"]
     assert spec["replicas"] == 1
     assert spec["strategy"] == {"type": "Recreate"}
 
 
+def test_the_registry_is_highly_available(rendered: tuple[Path, list[dict[str, Any]]]) -> None:
+    """Two replicas rolled one at a time behind a disruption budget, spread over nodes and
+    zones: an upgrade, a drain or the operator's restart leaves pulls up."""
+    values_file, objects = rendered
+    registry = deployment(objects, "registry")
+    spec = registry["spec"]
+    assert spec["replicas"] == load_values(values_file).get("registry", {}).get("replicas", 2)
+    assert spec["strategy"] == {
+        "type": "RollingUpdate",
+        "rollingUpdate": {"maxSurge": 1, "maxUnavailable": 0},
+    }
+    labels = spec["template"]["metadata"]["labels"]
+    assert spec["selector"]["matchLabels"].items() <= labels.items()
+    operator_labels = deployment(objects)["spec"]["template"]["metadata"]["labels"]
+    assert not spec["selector"]["matchLabels"].items() <= operator_labels.items()
+    (budget,) = by_kind(objects, "PodDisruptionBudget")
+    assert budget["spec"]["selector"]["matchLabels"] == spec["selector"]["matchLabels"]
+    assert budget["spec"]["maxUnavailable"] == 1
+    spread = {c["topologyKey"]: c for c in spec["template"]["spec"]["topologySpreadConstraints"]}
+    assert set(spread) == {"kubernetes.io/hostname", "topology.kubernetes.io/zone"}
+    for constraint in spread.values():
+        assert constraint["labelSelector"]["matchLabels"] == spec["selector"]["matchLabels"]
+    assert by_kind(objects, "HorizontalPodAutoscaler") == []
+
+
+def test_the_registry_scales_with_an_autoscaler_when_asked() -> None:
+    objects = render(sets={"registry.autoscaling.enabled": "true", "registry.replicas": "3"})
+    registry = deployment(objects, "registry")
+    assert "replicas" not in registry["spec"]  # the autoscaler's to set
+    (autoscaler,) = by_kind(objects, "HorizontalPodAutoscaler")
+    assert autoscaler["spec"]["scaleTargetRef"]["name"] == registry["metadata"]["name"]
+    assert (autoscaler["spec"]["minReplicas"], autoscaler["spec"]["maxReplicas"]) == (3, 6)
+    (metric,) = autoscaler["spec"]["metrics"]
+    assert metric["resource"]["target"]["averageUtilization"] == 70
+
+
 def test_containers_are_locked_down_with_requests_and_probes(
     rendered: tuple[Path, list[dict[str, Any]]],
 ) -> None:
-    pod = deployment(rendered[1])["spec"]["template"]["spec"]
-    assert pod["securityContext"]["runAsNonRoot"] is True
-    assert pod["securityContext"]["runAsUser"] != 0
-    assert pod["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}
-    assert [c["name"] for c in pod["containers"]] == ["operator", "registry"]
-    for item in pod["containers"]:
+    objects = rendered[1]
+    for component in COMPONENTS:
+        pod = pod_spec(objects, component)
+        assert pod["securityContext"]["runAsNonRoot"] is True
+        assert pod["securityContext"]["runAsUser"] != 0
+        assert pod["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}
+        assert pod["automountServiceAccountToken"] is False
+        item = container(objects, component)
         security = item["securityContext"]
         assert security["allowPrivilegeEscalation"] is False
         assert security["readOnlyRootFilesystem"] is True
@@ -145,25 +198,31 @@ def test_containers_are_locked_down_with_requests_and_probes(
         assert item["livenessProbe"]["httpGet"]["path"] == "/healthz"
         # A read-only root: /tmp is a volume.
         assert any(m["mountPath"] == "/tmp" for m in item["volumeMounts"])
-    registry = container(rendered[1], "registry")
-    assert registry["readinessProbe"]["httpGet"] == {"path": "/healthz", "port": "registry"}
-    # Only the operator gets an API token: the registry never talks to the API server.
-    assert pod["automountServiceAccountToken"] is False
+    registry = container(objects, "registry")
+    # Ready means storage answers.
+    assert registry["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "registry"}
+    # The registry talks to the API server only to check pull tokens.
     token_path = "/var/run/secrets/kubernetes.io/serviceaccount"
-    assert token_path not in {m["mountPath"] for m in registry["volumeMounts"]}
-    assert token_path in {
-        m["mountPath"] for m in container(rendered[1], "operator")["volumeMounts"]
-    }
-    # The operator's readiness would gate the registry's Service: it has a startup probe.
-    operator = container(rendered[1], "operator")
+    kubernetes_auth = load_values(rendered[0]).get("registry", {}).get("auth", {})
+    assert (token_path in {m["mountPath"] for m in registry["volumeMounts"]}) == bool(
+        kubernetes_auth.get("enabled") and kubernetes_auth.get("kubernetes")
+    )
+    assert token_path in {m["mountPath"] for m in container(objects, "operator")["volumeMounts"]}
+    # The operator serves no traffic: a startup probe, no readiness.
+    operator = container(objects, "operator")
     assert "readinessProbe" not in operator and "startupProbe" in operator
+    # Each has its own identity.
+    accounts = {pod_spec(objects, component)["serviceAccountName"] for component in COMPONENTS}
+    assert len(accounts) == 2
 
 
 def test_the_service_leads_to_the_registry(rendered: tuple[Path, list[dict[str, Any]]]) -> None:
     values_file, objects = rendered
     (service,) = by_kind(objects, "Service")
-    pod_template = deployment(objects)["spec"]["template"]
-    assert service["spec"]["selector"].items() <= pod_template["metadata"]["labels"].items()
+    registry_labels = deployment(objects, "registry")["spec"]["template"]["metadata"]["labels"]
+    assert service["spec"]["selector"].items() <= registry_labels.items()
+    operator_labels = deployment(objects)["spec"]["template"]["metadata"]["labels"]
+    assert not service["spec"]["selector"].items() <= operator_labels.items()
     (port,) = service["spec"]["ports"]
     assert port["targetPort"] == "registry"
     assert "registry" in {p["name"] for p in container(objects, "registry")["ports"]}
@@ -191,7 +250,6 @@ def test_operator_environment_is_valid_operator_settings(
 
     values = load_values(rendered[0])
     objects = rendered[1]
-    pod = deployment(objects)["spec"]["template"]["spec"]
     assert settings.builder_image == container(objects, "operator")["image"]
     ports = {p["name"]: p["containerPort"] for p in container(objects, "operator")["ports"]}
     assert settings.metrics_port == ports.get("metrics") == 9090
@@ -208,11 +266,14 @@ def test_operator_environment_is_valid_operator_settings(
     # `kubectl exec … -c operator -- niximage gc` finds the same storage.
     assert operator_environment(objects)["NIXIMAGE_STORAGE"] == settings.storage
     if settings.storage.startswith("/"):
+        # The registry only reads: the claim and its mount are read-only.
         mounts = {m["mountPath"]: m for m in container(objects, "registry")["volumeMounts"]}
         assert mounts[settings.storage].get("readOnly") is True
+        (claim,) = [v for v in pod_spec(objects, "registry")["volumes"] if v["name"] == "storage"]
+        assert claim["persistentVolumeClaim"]["readOnly"] is True
         operator_mounts = {m["mountPath"] for m in container(objects, "operator")["volumeMounts"]}
         assert settings.storage in operator_mounts
-        claims = [v for v in pod["volumes"] if "persistentVolumeClaim" in v]
+        claims = [v for v in pod_spec(objects)["volumes"] if "persistentVolumeClaim" in v]
         assert len(claims) == 1
     else:
         assert settings.storage.startswith("gs://")
@@ -263,9 +324,7 @@ def test_builder_pods_reach_the_storage_as_the_operator_does(
     [builder] = pod["spec"]["containers"]
     volumes = {v["name"]: v for v in pod["spec"].get("volumes", [])}
     mounts = {m["mountPath"]: volumes[m["name"]] for m in builder.get("volumeMounts", [])}
-    operator_volumes = {
-        v["name"]: v for v in deployment(objects)["spec"]["template"]["spec"]["volumes"]
-    }
+    operator_volumes = {v["name"]: v for v in pod_spec(objects)["volumes"]}
     operator = container(objects, "operator")
     if settings.storage.startswith("/"):
         [claim] = [v for v in operator_volumes.values() if "persistentVolumeClaim" in v]
@@ -317,10 +376,58 @@ def test_registry_flags_are_niximage_serves(rendered: tuple[Path, list[dict[str,
     if auth.get("enabled"):
         mounts = {m["mountPath"] for m in container(rendered[1], "registry")["volumeMounts"]}
         assert args.auth_users in mounts
-        assert bool(args.auth_secret_file) == bool(auth.get("tokenKeySecret", {}).get("name"))
+        # Every replica signs with the same key: the given Secret's, or the chart's own.
+        assert str(Path(args.auth_secret_file).parent) in mounts
         assert args.auth_anonymous_pull == auth.get("anonymousPull", False)
+        assert args.auth_kubernetes == auth.get("kubernetes", False)
     else:
-        assert args.auth_users is None
+        assert args.auth_users is None and not args.auth_kubernetes
+        assert by_kind(rendered[1], "Secret") == []
+
+
+def test_a_token_key_is_made_when_none_is_given() -> None:
+    objects = render(sets={"registry.auth.enabled": "true", "registry.auth.usersSecret": "u"})
+    (secret,) = by_kind(objects, "Secret")
+    assert len(secret["data"]["token-key"]) >= 64
+    volumes = {v["name"]: v for v in pod_spec(objects, "registry")["volumes"]}
+    assert volumes["registry-token-key"]["secret"]["secretName"] == secret["metadata"]["name"]
+
+
+def test_kubernetes_pull_authorisation_wires_operator_registry_and_rbac(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Service account tokens as pull passwords: the registry asks the API server
+    (system:auth-delegator, nothing else), and the operator keeps each namespace's pull
+    Secret, with rules for exactly those objects."""
+    objects = render(sets={"registry.auth.enabled": "true", "registry.auth.kubernetes": "true"})
+    args = serve_arguments(objects)
+    assert args.auth_kubernetes and args.auth_users is None
+    settings = operator_settings(objects, monkeypatch)
+    assert settings.pull_secrets is True
+    roles = {role["metadata"]["name"]: role for role in by_kind(objects, "ClusterRole")}
+    assert roles[settings.puller_cluster_role]["rules"] == [
+        {"apiGroups": ["niximage.dev"], "resources": ["niximages"], "verbs": ["get"]}
+    ]
+    registry_account = pod_spec(objects, "registry")["serviceAccountName"]
+    bindings = {
+        binding["roleRef"]["name"]: binding["subjects"]
+        for binding in by_kind(objects, "ClusterRoleBinding")
+    }
+    assert bindings["system:auth-delegator"] == [
+        {"kind": "ServiceAccount", "name": registry_account, "namespace": "niximage-system"}
+    ]
+    operator_rules = roles["niximage"]["rules"]
+    named = {
+        (rule["resources"][0], tuple(rule.get("resourceNames", ()))): rule["verbs"]
+        for rule in operator_rules
+    }
+    assert named[("secrets", ("niximage-pull",))] == ["get", "update"]
+    assert named[("serviceaccounts/token", ("niximage-puller",))] == ["create"]
+    # Without it: none of these rights.
+    plain = {role["metadata"]["name"]: role for role in by_kind(render(), "ClusterRole")}
+    assert set(plain) == {"niximage"}
+    resources = {r for rule in plain["niximage"]["rules"] for r in rule["resources"]}
+    assert not resources & {"secrets", "serviceaccounts", "serviceaccounts/token", "rolebindings"}
 
 
 def run_operator_command(objects: list[dict[str, Any]], tmp_path: Path) -> dict[str, Any]:
@@ -379,9 +486,14 @@ def test_gcs_with_workload_identity_annotates_every_service_account() -> None:
         "team-a",
         "team-b",
     }
+    registry_account = pod_spec(objects, "registry")["serviceAccountName"]
     for sa in accounts:
+        # The registry's own Google service account only reads the bucket.
+        reader = sa["metadata"]["name"] == registry_account
         assert annotations(sa)["iam.gke.io/gcp-service-account"] == (
-            "niximage@example-project.iam.gserviceaccount.com"
+            "niximage-registry@example-project.iam.gserviceaccount.com"
+            if reader
+            else "niximage@example-project.iam.gserviceaccount.com"
         )
     assert by_kind(objects, "PersistentVolumeClaim") == []
     assert operator_environment(objects)[f"{ENV_PREFIX}STORAGE"] == (
@@ -389,17 +501,23 @@ def test_gcs_with_workload_identity_annotates_every_service_account() -> None:
     )
 
 
-def test_gcs_with_a_key_mounts_it_for_both_containers() -> None:
+def test_gcs_with_a_key_mounts_it_for_both_components() -> None:
     objects = render((CHART / "ci" / "gcs-key-values.yaml",))
-    for name in ("operator", "registry"):
+    for name in COMPONENTS:
         item = container(objects, name)
         env = {e["name"]: e["value"] for e in item.get("env", [])}
         path = env["GOOGLE_APPLICATION_CREDENTIALS"]
         mounts = {m["mountPath"]: m for m in item["volumeMounts"]}
         assert mounts[str(Path(path).parent)]["readOnly"] is True
-    volumes = deployment(objects)["spec"]["template"]["spec"]["volumes"]
-    secret = next(v["secret"] for v in volumes if "secret" in v)
-    assert secret["secretName"] == "niximage-gcs-key"
+        secret = next(v["secret"] for v in pod_spec(objects, name)["volumes"] if "secret" in v)
+        assert secret["secretName"] == "niximage-gcs-key"
+    # The registry's own read-only key, when given.
+    own = render(
+        (CHART / "ci" / "gcs-key-values.yaml",),
+        sets={"storage.gcs.registryKeySecret.name": "niximage-gcs-reader"},
+    )
+    secrets = [v["secret"] for v in pod_spec(own, "registry")["volumes"] if "secret" in v]
+    assert [s["secretName"] for s in secrets] == ["niximage-gcs-reader"]
     # Builder pods then use their namespace's default service account.
     assert f"{ENV_PREFIX}BUILDER_SERVICE_ACCOUNT" not in operator_environment(objects)
 
@@ -417,7 +535,7 @@ def test_filesystem_storage_claim_is_kept_on_uninstall() -> None:
     assert annotations(claim)["helm.sh/resource-policy"] == "keep"
     existing = render(sets={"storage.filesystem.existingClaim": "images"})
     assert by_kind(existing, "PersistentVolumeClaim") == []
-    volumes = deployment(existing)["spec"]["template"]["spec"]["volumes"]
+    volumes = pod_spec(existing)["volumes"]
     assert {"name": "storage", "persistentVolumeClaim": {"claimName": "images"}} in volumes
 
 
@@ -446,6 +564,9 @@ BAD_VALUES = [
     ({"registry.host": "http://images.example.com"}, "at '/registry/host'"),
     ({"registry.service.type": "ExternalName"}, "at '/registry/service/type'"),
     ({"registry.auth.enabled": "true"}, "at '/registry/auth/usersSecret'"),
+    ({"registry.auth.kubernetes": "true"}, "at '/registry/auth/enabled'"),
+    ({"registry.replicas": "0"}, "at '/registry/replicas'"),
+    ({"registry.podDisruptionBudget.maxUnavailable": "-1"}, "at '/registry/podDisruptionBudget"),
     ({"operator.maxConcurrentBuilds": "0"}, "at '/operator/maxConcurrentBuilds'"),
     ({"operator.watchNamespaces[0]": "Team_A"}, "at '/operator/watchNamespaces/0'"),
     ({"packageSource.default": "path:/opt/niximage/nix/testpkgs"}, "at '/packageSource/default'"),

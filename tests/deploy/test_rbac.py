@@ -105,7 +105,12 @@ Grant = tuple[str, str, str, str]
 
 
 def operator_account(objects: list[dict[str, Any]]) -> dict[str, str]:
-    (deployment,) = [o for o in objects if o["kind"] == "Deployment"]
+    (deployment,) = [
+        o
+        for o in objects
+        if o["kind"] == "Deployment"
+        and o["metadata"]["labels"]["app.kubernetes.io/component"] == "operator"
+    ]
     return {
         "kind": "ServiceAccount",
         "name": deployment["spec"]["template"]["spec"]["serviceAccountName"],
@@ -246,7 +251,12 @@ def no_ultimate_kill(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def chart_namespaces(objects: list[dict[str, Any]]) -> list[str]:
-    (deployment,) = [o for o in objects if o["kind"] == "Deployment"]
+    (deployment,) = [
+        o
+        for o in objects
+        if o["kind"] == "Deployment"
+        and o["metadata"]["labels"]["app.kubernetes.io/component"] == "operator"
+    ]
     operator = deployment["spec"]["template"]["spec"]["containers"][0]
     env = {e["name"]: e.get("value") for e in operator["env"]}
     value = env.get(f"{ENV_PREFIX}NAMESPACES") or ""

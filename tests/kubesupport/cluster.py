@@ -138,19 +138,28 @@ class Chart:
         )
         return {**account, "metadata": {**account["metadata"], "namespace": namespace}}
 
+    def pod_spec(self, component: str) -> dict[str, Any]:
+        """The pod template of the chart's ``operator`` or ``registry`` Deployment."""
+        deployment = next(
+            d
+            for d in self.of_kind("Deployment")
+            if d["metadata"]["labels"].get("app.kubernetes.io/component") == component
+        )
+        spec: dict[str, Any] = deployment["spec"]["template"]["spec"]
+        return spec
+
     @property
     def operator_container(self) -> dict[str, Any]:
-        deployment = next(d for d in self.of_kind("Deployment") if d["metadata"]["name"] == RELEASE)
-        containers = deployment["spec"]["template"]["spec"]["containers"]
-        return next(c for c in containers if c["name"] == "operator")
+        return next(c for c in self.pod_spec("operator")["containers"] if c["name"] == "operator")
 
     @property
     def service_account(self) -> str:
-        deployment = next(d for d in self.of_kind("Deployment"))
-        return str(deployment["spec"]["template"]["spec"]["serviceAccountName"])
+        return str(self.pod_spec("operator")["serviceAccountName"])
 
     def rules(self) -> set[tuple[str, str, str]]:
-        """(verb, apiGroup, resource) for every rule the operator is granted."""
+        """(verb, apiGroup, resource) for every rule the operator is granted (the puller
+        ClusterRole's one right, get NixImages, is the operator's too: it may only bind a
+        role whose rights it holds)."""
         return {
             (verb, group, resource)
             for role in self.of_kind("ClusterRole", "Role")

@@ -22,6 +22,45 @@ app.kubernetes.io/name: {{ include "niximage.name" . }}
 app.kubernetes.io/instance: {{ .Release.Name }}
 {{- end }}
 
+{{/* Each Deployment selects its own pods: the operator's and the registry's share the
+     name and instance labels, and differ in the component. */}}
+{{- define "niximage.operatorSelectorLabels" -}}
+{{ include "niximage.selectorLabels" . }}
+app.kubernetes.io/component: operator
+{{- end }}
+
+{{- define "niximage.registrySelectorLabels" -}}
+{{ include "niximage.selectorLabels" . }}
+app.kubernetes.io/component: registry
+{{- end }}
+
+{{- define "niximage.registryName" -}}
+{{- printf "%s-registry" (include "niximage.fullname" .) | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{- define "niximage.registryServiceAccountName" -}}
+{{- if .Values.registry.serviceAccount.create }}
+{{- default (include "niximage.registryName" .) .Values.registry.serviceAccount.name }}
+{{- else }}
+{{- default "default" .Values.registry.serviceAccount.name }}
+{{- end }}
+{{- end }}
+
+{{/* The ClusterRole (get NixImages) that each namespace's puller account is bound to. */}}
+{{- define "niximage.pullerClusterRole" -}}
+{{- printf "%s-puller" (include "niximage.fullname" .) | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{/* Service account tokens as pull passwords (TokenReview, SubjectAccessReview). */}}
+{{- define "niximage.kubernetesPullAuth" -}}
+{{- if and .Values.registry.auth.enabled .Values.registry.auth.kubernetes }}true{{ end }}
+{{- end }}
+
+{{/* The Secret and key of the HMAC key the registry replicas sign tokens with. */}}
+{{- define "niximage.tokenKeySecretName" -}}
+{{- default (printf "%s-token-key" (include "niximage.registryName" .)) .Values.registry.auth.tokenKeySecret.name }}
+{{- end }}
+
 {{- define "niximage.labels" -}}
 helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" | trunc 63 | trimSuffix "-" }}
 {{ include "niximage.selectorLabels" . }}
@@ -94,7 +133,29 @@ iam.gke.io/gcp-service-account: {{ .Values.storage.gcs.workloadIdentity.serviceA
 {{- end }}
 {{- end }}
 
-{{/* Both containers: nothing beyond what a Python program serving HTTP needs. */}}
+{{/* The registry's: its own read-only Google service account, else the one above. */}}
+{{- define "niximage.registryWorkloadIdentity" -}}
+{{- $identity := .Values.storage.gcs.workloadIdentity }}
+{{- $account := $identity.registryServiceAccount | default $identity.serviceAccount }}
+{{- if and (eq .Values.storage.type "gcs") $account }}
+iam.gke.io/gcp-service-account: {{ $account | quote }}
+{{- end }}
+{{- end }}
+
+{{/* The registry's GCS key Secret (name and key): its own read-only one, else the
+     operator's; empty name: none. */}}
+{{- define "niximage.registryGcsKey" -}}
+{{- $gcs := .Values.storage.gcs }}
+{{- if eq .Values.storage.type "gcs" }}
+{{- if $gcs.registryKeySecret.name }}
+{{- toJson $gcs.registryKeySecret }}
+{{- else if $gcs.keySecret.name }}
+{{- toJson $gcs.keySecret }}
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{/* Every container: nothing beyond what a Python program serving HTTP needs. */}}
 {{- define "niximage.containerSecurityContext" -}}
 allowPrivilegeEscalation: false
 readOnlyRootFilesystem: true
@@ -108,4 +169,28 @@ capabilities:
 {{- $names := list }}
 {{- range . }}{{ $names = append $names .name }}{{ end }}
 {{- join "," $names }}
+{{- end }}
+
+{{/* What the kubelet would mount into every container by itself, for the one container
+     that talks to the API: a bound token (3607 s: the API server extends it for clients
+     that do not reload it), the cluster's CA and the namespace. */}}
+{{- define "niximage.kubeApiAccessVolume" -}}
+- name: kube-api-access
+  projected:
+    defaultMode: 0444
+    sources:
+      - serviceAccountToken:
+          path: token
+          expirationSeconds: 3607
+      - configMap:
+          name: kube-root-ca.crt
+          items:
+            - key: ca.crt
+              path: ca.crt
+      - downwardAPI:
+          items:
+            - path: namespace
+              fieldRef:
+                apiVersion: v1
+                fieldPath: metadata.namespace
 {{- end }}
