@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Installs everything niximage needs on a fresh Debian 12 machine, as root, idempotently:
 # Debian packages (Nix, the host programs the offline package set is made of, the registry
-# clients used by the tests), a single-user Nix configuration, and the Python package.
+# clients used by the tests), a single-user Nix configuration, arm64 emulation with the
+# package set's arm64 Debian files (install-arm64.sh), and the Python package.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -43,5 +44,8 @@ substituters =
 max-jobs = 2
 CONF
 fi
+
+# arm64 through qemu-user: builds and runs of the aarch64-linux package set (multi-arch).
+scripts/install-arm64.sh
 
 python3 -m pip install -q --disable-pip-version-check -e '.[dev]'

@@ -78,6 +78,29 @@ def require(*programs: str) -> None:
         pytest.skip(f"not installed: {', '.join(missing)}")
 
 
+ARM64_ROOT = Path(os.environ.get("NIXIMAGE_DEBIAN_ROOTS", "/var/lib/niximage/debian")) / "arm64"
+
+
+def require_arm64() -> None:
+    """Skip unless arm64 builds and runs here: qemu-user's aarch64 binfmt_misc handler with
+    the F flag, Nix's extra-platforms, and the unpacked arm64 Debian packages (all set up
+    by scripts/install-arm64.sh)."""
+    handler = Path("/proc/sys/fs/binfmt_misc/qemu-aarch64")
+    flags = handler.read_text() if handler.exists() else ""
+    if "flags: " not in flags or "F" not in flags.split("flags: ", 1)[1].split("\n", 1)[0]:
+        pytest.skip("arm64: no aarch64 binfmt_misc handler with the F flag (install-arm64.sh)")
+    config = subprocess.run(
+        ["nix", "show-config"], capture_output=True, text=True, check=False
+    ).stdout
+    if not any(
+        line.startswith("extra-platforms") and "aarch64-linux" in line
+        for line in config.splitlines()
+    ):
+        pytest.skip("arm64: Nix's extra-platforms lacks aarch64-linux (install-arm64.sh)")
+    if not (ARM64_ROOT / "packages").exists():
+        pytest.skip(f"arm64: no Debian arm64 packages in {ARM64_ROOT} (install-arm64.sh)")
+
+
 def require_root() -> None:
     if os.geteuid() != 0:
         pytest.skip("needs root (chroot, umoci unpack)")

@@ -30,8 +30,15 @@ from niximage_builder.popularity import Popularity
 from niximage_core import gc, layout, manifest
 from niximage_core.digest import Digest
 from niximage_core.errors import InvalidInput, NixImageError, StorageError
-from niximage_core.imagespec import FORMAT_VERSION, ImageSpec, canonical_json
-from niximage_core.result import BuildError, BuildResult, LayerResult
+from niximage_core.imagespec import (
+    FORMAT_VERSION,
+    BuildTarget,
+    ImageSpec,
+    IndexSpec,
+    canonical_json,
+    spec_document,
+)
+from niximage_core.result import BuildError, BuildResult, LayerResult, PlatformResult
 from niximage_core.storage.base import Storage, check_key
 
 Progress = Callable[[str], None]
@@ -282,3 +289,118 @@ def _record(storage: Storage, key: str, result: BuildResult) -> None:
     """Best effort: a storage outage must not hide the original error."""
     with contextlib.suppress(NixImageError):
         storage.write(layout.build_key_path(key), result.to_json())
+
+
+def build_index(
+    index: IndexSpec,
+    storage: Storage,
+    nix: nixcli.NixSettings,
+    options: BuildOptions | None = None,
+    progress: Progress | None = None,
+    cancel: threading.Event | None = None,
+) -> BuildResult:
+    """Build (or reuse) each platform's image, then the index over them, recorded in
+    ``builds/<index key>``. A platform whose ``builds/<key>`` is stored is not built again;
+    the first platform that fails fails the index, recorded and raised like ``build_image``."""
+    options = options or BuildOptions()
+    key = index.build_key()
+    started = time.monotonic()
+    if options.use_cache and index.source.pinned:
+        cached = layout.cached_result(storage, key)
+        if cached is not None:
+            return cached.model_copy(update={"cached": True, "bytesUploaded": 0})
+    say = progress or (lambda _message: None)
+    images: list[BuildResult] = []
+    try:
+        for spec in index.images:
+            say(f"platform {spec.arch}")
+            images.append(build_image(spec, storage, nix, options, progress, cancel))
+        # The lease lives until builds/<key> is written, as in build_image.
+        with gc.Lease(storage, f"build {key}") as lease:
+            result = _write_index(index, images, storage, lease)
+            timings = {"total": time.monotonic() - started}
+            result = result.model_copy(update={"timings": timings})
+            storage.write(layout.build_key_path(key), result.to_json())
+            gc.checkpoint("build.recorded", key=key)
+    except NixImageError as error:
+        failed = BuildResult(
+            buildKey=key,
+            spec=spec_document(index),
+            ok=False,
+            error=BuildError.from_exception(error),
+            timings={"total": time.monotonic() - started},
+        )
+        _record(storage, key, failed)
+        raise
+    return result
+
+
+def build_target(
+    target: BuildTarget,
+    storage: Storage,
+    nix: nixcli.NixSettings,
+    options: BuildOptions | None = None,
+    progress: Progress | None = None,
+    cancel: threading.Event | None = None,
+) -> BuildResult:
+    """``build_image`` for one platform, ``build_index`` for several."""
+    if isinstance(target, IndexSpec):
+        return build_index(target, storage, nix, options, progress, cancel)
+    return build_image(target, storage, nix, options, progress, cancel)
+
+
+def _write_index(
+    index: IndexSpec, images: Sequence[BuildResult], storage: Storage, lease: gc.Lease
+) -> BuildResult:
+    """Put the index blob, after every blob it reaches is in the lease and touched."""
+    platforms = [
+        PlatformResult(
+            architecture=spec.arch,
+            buildKey=image.buildKey,
+            manifestDigest=str(image.manifestDigest),
+            configDigest=str(image.configDigest),
+            imageSize=image.imageSize,
+            layers=[layer.digest for layer in image.layers],
+        )
+        for spec, image in zip(index.images, images, strict=True)
+    ]
+    entries = [
+        manifest.IndexEntry(
+            spec.arch,
+            str(image.mediaType),
+            Digest.parse(str(image.manifestDigest)),
+            _manifest_size(storage, Digest.parse(str(image.manifestDigest))),
+        )
+        for spec, image in zip(index.images, images, strict=True)
+    ]
+    blob = manifest.image_index(index.format, entries)
+    provisional = BuildResult(
+        buildKey=index.build_key(),
+        spec=spec_document(index),
+        ok=True,
+        manifestDigest=str(blob.digest),
+        mediaType=blob.media_type,
+        imageSize=sum(platform.imageSize for platform in platforms),
+        platforms=platforms,
+        bytesUploaded=sum(image.bytesUploaded for image in images),
+    )
+    named = gc.result_digests(provisional)
+    lease.add(*named)
+    lease.flush()
+    missing = gc.touch_all(storage, named[1:])
+    if missing:
+        raise StorageError(
+            f"blob {missing[0]} of a platform image was garbage-collected while the index "
+            "was built; build it again"
+        )
+    if gc.touch_blob(storage, blob.digest) is None:
+        storage.put_blob(blob.data)
+    gc.checkpoint("build.manifest-written", digest=blob.digest)
+    return provisional
+
+
+def _manifest_size(storage: Storage, digest: Digest) -> int:
+    size = gc.touch_blob(storage, digest)
+    if size is None:
+        raise StorageError(f"the manifest {digest} of a platform image is not in storage")
+    return size

@@ -12,6 +12,7 @@ import json
 import os
 import sys
 from pathlib import Path
+from typing import Any
 
 from niximage_builder import build, export, layering, nixcli, plan, popularity
 from niximage_core import imagespec, layout, reference, resource, sources
@@ -36,7 +37,13 @@ def _add_spec_arguments(parser: argparse.ArgumentParser) -> None:
         help="path:/dir, nixpkgs:<channel|commit> or git:<url>#<rev|ref> "
         f"(default: ${DEFAULT_SOURCE_ENV} or the bundled offline set)",
     )
-    parser.add_argument("--arch", choices=sorted(imagespec.names.ARCHITECTURES))
+    parser.add_argument(
+        "--arch",
+        action="append",
+        metavar="ARCH",
+        help=f"{' or '.join(sorted(imagespec.names.ARCHITECTURES))} (default amd64); several "
+        "(--arch amd64,arm64, or the flag again): one image index of them",
+    )
     parser.add_argument("--timeout", type=float, default=3600.0, help="Nix wall-clock limit, s")
 
 
@@ -80,7 +87,15 @@ def spec_from_args(args: argparse.Namespace, settings: nixcli.NixSettings) -> im
         raise InvalidInput("no packages given")
     source = sources.parse_source(args.package_source or default_package_source())
     source = nixcli.pin_source(source, settings)
-    return imagespec.make_spec(list(args.packages), source, arch=args.arch or "amd64")
+    arches = architectures(args.arch) or ["amd64"]
+    if len(arches) > 1:
+        raise InvalidInput("plan shows one architecture at a time: give one --arch")
+    return imagespec.make_spec(list(args.packages), source, arch=arches[0])
+
+
+def architectures(flags: list[str] | None) -> list[str]:
+    """``--arch`` values, comma lists split, in the order given; empty when not given."""
+    return [arch.strip() for flag in flags or () for arch in flag.split(",")]
 
 
 def run_plan(args: argparse.Namespace) -> int:
@@ -101,7 +116,7 @@ def _progress(quiet: bool = False) -> build.Progress | None:
 
 def _build_target(
     args: argparse.Namespace, settings: nixcli.NixSettings
-) -> tuple[imagespec.ImageSpec, tuple[str, str] | None]:
+) -> tuple[imagespec.BuildTarget, tuple[str, str] | None]:
     """The spec to build and the tag to record, from packages or a NixImage file.
 
     Flags given on the command line win over the file's values.
@@ -113,8 +128,8 @@ def _build_target(
         image = resource.load_file(args.file)
         packages, tag = image.spec.packages, (image.repository, image.spec.tag)
         source = image.spec.packageSource or source
-        choices = {
-            "arch": image.spec.arch,
+        choices: dict[str, Any] = {
+            "architectures": image.spec.platform_architectures,
             "format": image.spec.format,
             "compression": image.spec.compression,
         }
@@ -124,9 +139,9 @@ def _build_target(
         packages, tag, choices = list(args.packages), None, {}
     choices.update({k: getattr(args, k) for k in ("format", "compression") if getattr(args, k)})
     if args.arch:
-        choices["arch"] = args.arch
+        choices["architectures"] = architectures(args.arch)
     pinned = nixcli.pin_source(sources.parse_source(source), settings)
-    spec = imagespec.make_spec(packages, pinned, **choices)
+    spec = imagespec.make_target(packages, pinned, **choices)
     if args.tag:
         ref = reference.ImageRef.parse(args.tag)
         tag = (ref.repository, ref.tag or "latest")
@@ -144,7 +159,7 @@ def run_build(args: argparse.Namespace) -> int:
     store = factory.open_storage(args.storage)
     try:
         try:
-            result = build.build_image(spec, store, settings, options, _progress())
+            result = build.build_target(spec, store, settings, options, _progress())
         except NixImageError as error:
             if args.termination_log:
                 _write_termination(args.termination_log, spec, None, error)
@@ -160,14 +175,17 @@ def run_build(args: argparse.Namespace) -> int:
 
 
 def _write_termination(
-    path: str, spec: imagespec.ImageSpec, result: BuildResult | None, error: NixImageError | None
+    path: str,
+    spec: imagespec.BuildTarget,
+    result: BuildResult | None,
+    error: NixImageError | None,
 ) -> None:
     """The builder pod's short summary (the full result is in ``builds/<key>``)."""
     if result is None:
         assert error is not None
         result = BuildResult(
             buildKey=spec.build_key(),
-            spec=spec.model_dump(mode="json"),
+            spec=imagespec.spec_document(spec),
             ok=False,
             error=BuildError.from_exception(error),
         )

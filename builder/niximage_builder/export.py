@@ -1,4 +1,5 @@
-"""``niximage export``: copy an image from storage into an OCI image layout directory.
+"""``niximage export``: copy an image (or an image index with every platform's image) from
+storage into an OCI image layout directory.
 
 Imports manifest, reference, digest and the storage interface. Every blob is re-hashed as
 it is copied, so a corrupted store is caught here rather than by the client.
@@ -33,19 +34,35 @@ def resolve(storage: Storage, ref: ImageRef) -> Digest:
 def export_layout(storage: Storage, ref: ImageRef, directory: Path) -> Digest:
     """Write (or add to) an OCI layout; the image is named by its tag in index.json."""
     digest = resolve(storage, ref)
+    (directory / "blobs" / "sha256").mkdir(parents=True, exist_ok=True)
+    media_type, size = _copy_manifest(storage, digest, directory, nested=False)
+    (directory / "oci-layout").write_text(json.dumps(LAYOUT_VERSION))
+    _add_to_index(directory, digest, media_type, size, ref.tag or "latest")
+    return digest
+
+
+def _copy_manifest(
+    storage: Storage, digest: Digest, directory: Path, nested: bool
+) -> tuple[str, int]:
+    """Copy a manifest and what it names (an index: each platform's manifest and its
+    blobs); its media type and size."""
     manifest_bytes = _read_small(storage, digest)
     media_type = manifest.media_type_of(manifest_bytes)
     if media_type is None:
         raise StorageError(f"{digest} is not an image manifest")
     document = json.loads(manifest_bytes)
-    blobs = [Digest.parse(document["config"]["digest"])]
-    blobs += [Digest.parse(layer["digest"]) for layer in document["layers"]]
-    (directory / "blobs" / "sha256").mkdir(parents=True, exist_ok=True)
-    for blob in [digest, *blobs]:
-        _copy_blob(storage, blob, directory)
-    (directory / "oci-layout").write_text(json.dumps(LAYOUT_VERSION))
-    _add_to_index(directory, digest, media_type, len(manifest_bytes), ref.tag or "latest")
-    return digest
+    if media_type in (manifest.OCI_INDEX, manifest.DOCKER_LIST):
+        if nested:
+            raise StorageError(f"{digest}: an index inside an index is not exported")
+        for child in document["manifests"]:
+            _copy_manifest(storage, Digest.parse(child["digest"]), directory, nested=True)
+    else:
+        blobs = [Digest.parse(document["config"]["digest"])]
+        blobs += [Digest.parse(layer["digest"]) for layer in document["layers"]]
+        for blob in blobs:
+            _copy_blob(storage, blob, directory)
+    _copy_blob(storage, digest, directory)
+    return media_type, len(manifest_bytes)
 
 
 def _read_small(storage: Storage, digest: Digest) -> bytes:

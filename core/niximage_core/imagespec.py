@@ -6,6 +6,10 @@ package source and output format. The build key is a sha256 over a canonical JSO
 encoding of it plus ``FORMAT_VERSION``: JSON lists cannot be confused the way joined
 strings can (Nixery hashes ``"ab"+"c"`` and ``"a"+"bc"`` alike), and the architecture
 and source are part of it (Nixery leaves the architecture out).
+
+An image of several platforms is an ``IndexSpec``: one ``ImageSpec`` per architecture,
+built and cached each on its own, and an image index over them. Its key is made of the
+platforms' keys, so adding arm64 to an amd64 image reuses the amd64 build.
 """
 
 from __future__ import annotations
@@ -109,3 +113,86 @@ def make_spec(
         raise InvalidInput(f"invalid image spec: {problems}") from exc
     except ValueError as exc:
         raise InvalidInput(f"invalid image spec: {exc}") from exc
+
+
+class IndexSpec(BaseModel):
+    """The same packages for several architectures: an image index over one image each."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    images: tuple[ImageSpec, ...]
+    """One per architecture, in the order asked; the same in all but ``arch``."""
+
+    @model_validator(mode="after")
+    def _one_image_of_several_platforms(self) -> IndexSpec:
+        arches = [image.arch for image in self.images]
+        if len(arches) < 2:
+            raise ValueError("an image index needs two architectures or more")
+        if len(set(arches)) != len(arches):
+            raise ValueError(f"architectures must not repeat: {', '.join(arches)}")
+        first = self.images[0].model_dump(exclude={"arch"})
+        if any(image.model_dump(exclude={"arch"}) != first for image in self.images[1:]):
+            raise ValueError("the platforms of an index differ only in their architecture")
+        return self
+
+    @property
+    def architectures(self) -> tuple[str, ...]:
+        return tuple(image.arch for image in self.images)
+
+    @property
+    def packages(self) -> tuple[str, ...]:
+        return self.images[0].packages
+
+    @property
+    def source(self) -> PackageSource:
+        return self.images[0].source
+
+    @property
+    def format(self) -> ManifestFormat:
+        return self.images[0].format
+
+    def key_material(self) -> dict[str, Any]:
+        return {
+            "formatVersion": FORMAT_VERSION,
+            "index": [image.build_key() for image in self.images],
+        }
+
+    def build_key(self) -> str:
+        return hashlib.sha256(canonical_json(self.key_material())).hexdigest()
+
+
+BuildTarget = ImageSpec | IndexSpec
+"""What one build makes: one image, or an index of images."""
+
+
+def spec_document(target: BuildTarget) -> dict[str, Any]:
+    """The spec as a build result records it: an image's fields; for an index, the fields
+    its platforms share and ``architectures``."""
+    if isinstance(target, ImageSpec):
+        return target.model_dump(mode="json")
+    shared = target.images[0].model_dump(mode="json", exclude={"arch"})
+    return {**shared, "architectures": list(target.architectures)}
+
+
+def make_target(
+    packages: list[str] | tuple[str, ...],
+    source: Any,
+    architectures: list[str] | tuple[str, ...] = ("amd64",),
+    format: str = "oci",
+    compression: str = "gzip",
+) -> BuildTarget:
+    """One architecture: an ``ImageSpec`` as ``make_spec`` makes it; several: an
+    ``IndexSpec`` of one such spec each (architectures in the order given, no repeats)."""
+    if not architectures:
+        raise InvalidInput("invalid image spec: architectures: give one architecture or more")
+    images = tuple(
+        make_spec(packages, source, arch=arch, format=format, compression=compression)
+        for arch in architectures
+    )
+    if len(images) == 1:
+        return images[0]
+    try:
+        return IndexSpec(images=images)
+    except ValidationError as exc:
+        problems = "; ".join(err["msg"].removeprefix("Value error, ") for err in exc.errors())
+        raise InvalidInput(f"invalid image spec: {problems}") from exc

@@ -111,6 +111,45 @@ def image_manifest(spec: ImageSpec, config: Blob, layers: Sequence[LayerDescript
     return Blob(media_type, canonical_json(manifest))
 
 
+PLATFORMS: dict[str, dict[str, str]] = {
+    "amd64": {"architecture": "amd64", "os": "linux"},
+    # The OCI image index spec's variant for 64-bit ARM; containerd and podman match a
+    # plain linux/arm64 request to it.
+    "arm64": {"architecture": "arm64", "os": "linux", "variant": "v8"},
+}
+"""The ``platform`` of each architecture's entry in an image index."""
+
+
+@dataclass(frozen=True)
+class IndexEntry:
+    """One platform's image, as an index names it."""
+
+    arch: str
+    media_type: str
+    digest: Digest
+    size: int
+
+
+def image_index(format: str, entries: Sequence[IndexEntry]) -> Blob:
+    """An OCI image index (``format`` oci) or a Docker manifest list (docker) over one image
+    per platform, in the order given."""
+    media_type = OCI_INDEX if format == "oci" else DOCKER_LIST
+    index = {
+        "schemaVersion": 2,
+        "mediaType": media_type,
+        "manifests": [
+            {
+                "mediaType": entry.media_type,
+                "digest": str(entry.digest),
+                "size": entry.size,
+                "platform": PLATFORMS[entry.arch],
+            }
+            for entry in entries
+        ],
+    }
+    return Blob(media_type, canonical_json(index))
+
+
 def media_type_of(manifest_bytes: bytes) -> str | None:
     """The ``mediaType`` a stored manifest declares (we always write it), or None."""
     try:

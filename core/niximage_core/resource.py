@@ -10,7 +10,14 @@ from __future__ import annotations
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from niximage_core import imagespec, names, reference, sources
 from niximage_core.errors import InvalidInput
@@ -24,6 +31,8 @@ class NixImageSpec(BaseModel):
 
     packages: list[str] = Field(min_length=1)
     arch: imagespec.Arch = "amd64"
+    architectures: list[imagespec.Arch] | None = Field(default=None, min_length=1)
+    """Several: one image index of one image per architecture (``arch`` is then not given)."""
     tag: str = "latest"
     packageSource: dict[str, Any] | None = None
     """The CRD's object form only ({type: nixpkgs, channel: …}): a file that builds here
@@ -39,6 +48,24 @@ class NixImageSpec(BaseModel):
         if len(set(value)) != len(value):
             raise ValueError("packages must not repeat")
         return value
+
+    @field_validator("architectures")
+    @classmethod
+    def _architectures(cls, value: list[str] | None) -> list[str] | None:
+        if value is not None and len(set(value)) != len(value):
+            raise ValueError("architectures must not repeat")
+        return value
+
+    @model_validator(mode="after")
+    def _arch_or_architectures(self) -> NixImageSpec:
+        if self.architectures is not None and "arch" in self.model_fields_set:
+            raise ValueError("give arch or architectures, not both")
+        return self
+
+    @property
+    def platform_architectures(self) -> list[str]:
+        """The architectures to build, in order: ``architectures``, else ``[arch]``."""
+        return list(self.architectures or [self.arch])
 
     @field_validator("packageSource", mode="before")
     @classmethod
@@ -77,6 +104,17 @@ class NixImage(BaseModel):
             self.spec.packages,
             source,
             arch=self.spec.arch,
+            format=self.spec.format,
+            compression=self.spec.compression,
+        )
+
+    def target(self, default_source: str) -> imagespec.BuildTarget:
+        """What to build: one image, or an index of one image per architecture."""
+        source = sources.parse_source(self.spec.packageSource or default_source)
+        return imagespec.make_target(
+            self.spec.packages,
+            source,
+            architectures=self.spec.platform_architectures,
             format=self.spec.format,
             compression=self.spec.compression,
         )

@@ -32,6 +32,20 @@ class LayerResult(BaseModel):
     """True when the layer was already in storage: neither packed nor uploaded."""
 
 
+class PlatformResult(BaseModel):
+    """One platform of an image index: its own build (``builds/<buildKey>``) and image."""
+
+    model_config = ConfigDict(frozen=True)
+
+    architecture: str
+    buildKey: str
+    manifestDigest: str
+    configDigest: str
+    imageSize: int
+    layers: list[str]
+    """The image's layer digests, so the index result names every blob it relies on."""
+
+
 class BuildError(BaseModel):
     model_config = ConfigDict(frozen=True)
 
@@ -68,6 +82,8 @@ class BuildResult(BaseModel):
     bytesUploaded: int = 0
     timings: dict[str, float] = Field(default_factory=dict)
     """Seconds per phase: nixBuild, closure, layering, packing, manifest, total."""
+    platforms: list[PlatformResult] = Field(default_factory=list)
+    """For an image index (``manifestDigest`` is the index's): each platform's image."""
     error: BuildError | None = None
     cached: bool = False
     """True when the whole result came from ``builds/<key>`` without building."""
@@ -84,6 +100,8 @@ class BuildResult(BaseModel):
         summary: dict[str, Any] = {"buildKey": self.buildKey, "ok": self.ok}
         if self.ok:
             summary.update(digest=self.manifestDigest, size=self.imageSize, layers=len(self.layers))
+            if self.platforms:
+                summary["platforms"] = {p.architecture: p.manifestDigest for p in self.platforms}
         elif self.error is not None:
             summary.update(kind=self.error.kind, message=self.error.message[:1000])
             if self.error.transient:

@@ -1,22 +1,29 @@
 # The offline package set of niximage's tests and benchmarks, importable like nixpkgs:
 #
-#   import ./nix/testpkgs { system ? builtins.currentSystem, bigSizeMB ? 64 }
+#   import ./nix/testpkgs { system ? builtins.currentSystem, bigSizeMB ? 64, debianRoots ? … }
 #
-# There is no nixpkgs and no network: the packages are the build host's Debian 12 files,
-# imported into the store with builtins.path and re-linked with Debian's patchelf against the
-# store's glibc, so that their closures are real (Nix's reference scan finds the ELF
-# interpreters, RUNPATHs and script shebangs) and run in a root file system holding nothing
-# but their closure. See lib.nix for the helpers and README.md for what each package is for.
+# There is no nixpkgs and no network: the packages are Debian 12's files (the build host's
+# installed packages, or for another system that architecture's packages unpacked under
+# `debianRoots`), imported into the store with builtins.path and re-linked with Debian's
+# patchelf against the store's glibc, so that their closures are real (Nix's reference scan
+# finds the ELF interpreters, RUNPATHs and script shebangs) and run in a root file system
+# holding nothing but their closure. See lib.nix for the helpers and README.md for what
+# each package is for.
 { system ? builtins.currentSystem
 , bigSizeMB ? 64
+  # Debian packages of other architectures, unpacked by scripts/install-arm64.sh.
+, debianRoots ? "/var/lib/niximage/debian"
 }:
 
 let
-  lib = import ./lib.nix {
-    inherit system;
-    # The files are the build host's, whatever `system` the derivations are labelled with.
-    hostSystem = builtins.currentSystem;
-  };
+  hostSystem = builtins.currentSystem;
+  lib = import ./lib.nix { inherit system hostSystem debianRoots; };
+  # Packages whose files are the same on every architecture (certificates, /etc files, time
+  # zones) are the host set's for every system, as in a binary cache: one store path, and
+  # so one layer, shared by the images of all platforms.
+  noarch =
+    if system == hostSystem then null
+    else import ./. { system = hostSystem; inherit bigSizeMB debianRoots; };
   inherit (lib) busybox debFiles libDir mkPackage writeScriptBin;
 
   # glibc is copied as Debian ships it: its libraries find each other through the loader,
@@ -216,7 +223,7 @@ let
   python3 = python3Unwrapped // { pkgs = python3Packages; };
 
   # The Mozilla CA certificates that Debian ships, concatenated as nixpkgs' cacert does.
-  cacert = mkPackage {
+  cacert = if noarch != null then noarch.cacert else mkPackage {
     name = "cacert";
     src = debFiles { name = "cacert-src"; debs = [ "ca-certificates" ]; root = "/usr/share/ca-certificates"; };
     script = ''
@@ -232,13 +239,13 @@ let
   };
 
   # /etc/protocols and /etc/services (and rpc, ethertypes) from Debian's netbase.
-  iana-etc = mkPackage {
+  iana-etc = if noarch != null then noarch.iana-etc else mkPackage {
     name = "iana-etc";
     src = debFiles { name = "iana-etc-src"; debs = [ "netbase" ]; root = "/etc"; };
     script = ''copy_tree "$src" "$out/etc"'';
   };
 
-  tzdata = mkPackage {
+  tzdata = if noarch != null then noarch.tzdata else mkPackage {
     name = "tzdata";
     src = debFiles { name = "tzdata-src"; debs = [ "tzdata" ]; root = "/usr/share/zoneinfo"; };
     script = ''

@@ -1,23 +1,35 @@
-# Helpers of the offline test package set: import files of installed Debian packages into the
-# store (content-addressed, with builtins.path) and re-link their ELF files with patchelf so
-# that they load the store's glibc and libraries, never the host's.
+# Helpers of the offline test package set: import files of Debian packages into the store
+# (content-addressed, with builtins.path) and re-link their ELF files with patchelf so that
+# they load the store's glibc and libraries, never the host's.
+#
+# For the build host's own system the files are the installed packages' (dpkg's lists in
+# /var/lib/dpkg/info). For another system they are that architecture's packages unpacked
+# under `debianRoots`/<debian arch> (root/ and info/<package>.list, as
+# scripts/install-arm64.sh makes them), and the derivations build where Nix can run that
+# system's programs (extra-platforms with qemu-user's binfmt_misc handler, or a native
+# builder).
 #
 # There is no stdenv: every derivation is a plain `derivation` whose builder is Debian's
-# static busybox `sh`, sourcing ./setup.sh for its shell helpers.
-{ system, hostSystem }:
+# static busybox `sh` of the derivation's own system, sourcing ./setup.sh for its helpers.
+{ system, hostSystem, debianRoots }:
 
 let
   inherit (builtins)
     concatMap concatStringsSep elemAt filter hasAttr head isString listToAttrs
     map match pathExists readFile removeAttrs split stringLength substring;
 
-  # The host's Debian architecture. Files are always the host's; `system` only labels the
-  # derivations (aarch64-linux derivations evaluate on an x86_64 host but cannot be built).
-  hosts = {
+  # The Debian architecture of the derivations' system.
+  systems = {
     x86_64-linux = { debArch = "amd64"; triple = "x86_64-linux-gnu"; ldso = "ld-linux-x86-64.so.2"; };
     aarch64-linux = { debArch = "arm64"; triple = "aarch64-linux-gnu"; ldso = "ld-linux-aarch64.so.1"; };
   };
-  host = hosts.${hostSystem} or (throw "testpkgs: unsupported build host ${hostSystem}");
+  host = systems.${system} or (throw "testpkgs: unsupported system ${system}");
+
+  # Where the Debian files are: "" (the host's own /) for the host's system, else the
+  # unpacked tree of that architecture.
+  native = system == hostSystem;
+  foreign = "${debianRoots}/${host.debArch}";
+  rootDir = if native then "" else "${foreign}/root";
 
   hasPrefix = prefix: s: substring 0 (stringLength prefix) s == prefix;
   lines = s: filter (l: isString l && l != "") (split "\n" s);
@@ -32,13 +44,16 @@ let
   # Every path (files, symlinks, directories) that dpkg installed for Debian package `deb`.
   debFileList = deb:
     let
-      lists = filter pathExists [
-        "/var/lib/dpkg/info/${deb}:${host.debArch}.list"
-        "/var/lib/dpkg/info/${deb}.list"
-      ];
+      lists = filter pathExists (
+        if native then [
+          "/var/lib/dpkg/info/${deb}:${host.debArch}.list"
+          "/var/lib/dpkg/info/${deb}.list"
+        ] else [ "${foreign}/info/${deb}.list" ]);
+      missing =
+        if native then "is not installed (apt-get install ${deb})"
+        else "is not unpacked in ${foreign} for ${system} (scripts/install-arm64.sh)";
     in
-    if lists == [ ] then
-      throw "testpkgs: Debian package ${deb} is not installed (apt-get install ${deb})"
+    if lists == [ ] then throw "testpkgs: Debian package ${deb} ${missing}"
     else map normalize (lines (readFile (head lists)));
 
 in
@@ -47,7 +62,7 @@ rec {
   libDir = "/usr/lib/${host.triple}";
 
   # debFiles { name, debs, root, exclude }: the files of the Debian packages `debs` below the
-  # host directory `root`, as one store path (builtins.path: content-addressed, so a package
+  # directory `root` (of the host, or of the unpacked tree), as one store path (builtins.path: content-addressed, so a package
   # rebuilds exactly when the host's files change). Taking exactly dpkg's list keeps out what
   # other packages put in the same directory and keeps a library's symlink together with the
   # file it points at (a store import of a lone symlink would dangle). `exclude` holds
@@ -58,14 +73,14 @@ rec {
       relative = p: substring (stringLength prefix) (stringLength p) p;
       excluded = p: filter (re: match re (relative p) != null) exclude != [ ];
       wanted = filter (p: hasPrefix prefix p && !excluded p) (concatMap debFileList debs);
-      keep = listToAttrs (map (p: { name = p; value = true; }) wanted);
+      keep = listToAttrs (map (p: { name = rootDir + p; value = true; }) wanted);
     in
     if wanted == [ ] then
       throw "testpkgs: Debian packages ${concatStringsSep ", " debs} have no files below ${root}"
     else
       builtins.path {
         inherit name;
-        path = /. + root;
+        path = /. + (rootDir + root);
         filter = p: _type: hasAttr p keep;
       };
 
@@ -75,11 +90,10 @@ rec {
 
   busybox = derivation {
     name = "busybox";
-    inherit system hostSystem;
+    inherit system;
     builder = "${busyboxSrc}/busybox";
     args = [ "sh" "-euc" ''
       bb=${busyboxSrc}/busybox
-      [ "$hostSystem" = "$system" ] || { echo "testpkgs: busybox is the $hostSystem host's" >&2; exit 1; }
       $bb mkdir -p $out/bin
       $bb cp $bb $out/bin/busybox
       for applet in $($bb --list); do
@@ -92,7 +106,7 @@ rec {
   # ./setup.sh; other attributes become environment variables.
   mkPackage = { name, script, ... }@attrs:
     derivation (removeAttrs attrs [ "script" ] // {
-      inherit name system hostSystem busybox;
+      inherit name system busybox;
       builder = "${busybox}/bin/sh";
       args = [ "-c" ". ${./setup.sh}\n${script}" ];
       PATH = "${busybox}/bin";

@@ -253,6 +253,9 @@ def read_roots(storage: Storage) -> Roots:
 
 
 def result_digests(result: BuildResult) -> list[Digest]:
-    """The blobs a successful result names: manifest, config, layers."""
+    """The blobs a successful result names: manifest, config, layers; for an image index,
+    the index, then each platform's manifest, config and layers."""
     named = [result.manifestDigest, result.configDigest, *(layer.digest for layer in result.layers)]
+    for platform in result.platforms:
+        named += [platform.manifestDigest, platform.configDigest, *platform.layers]
     return [Digest.parse(d) for d in named if d]
