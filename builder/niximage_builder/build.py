@@ -374,6 +374,8 @@ def _write_index(
         for spec, image in zip(index.images, images, strict=True)
     ]
     blob = manifest.image_index(index.format, entries)
+    # Every layer of every platform once, in platform order (a layer both share is one).
+    layers = list({layer.digest: layer for image in images for layer in image.layers}.values())
     provisional = BuildResult(
         buildKey=index.build_key(),
         spec=spec_document(index),
@@ -381,6 +383,7 @@ def _write_index(
         manifestDigest=str(blob.digest),
         mediaType=blob.media_type,
         imageSize=sum(platform.imageSize for platform in platforms),
+        layers=layers,
         platforms=platforms,
         bytesUploaded=sum(image.bytesUploaded for image in images),
     )

@@ -151,6 +151,10 @@ class IndexSpec(BaseModel):
     def format(self) -> ManifestFormat:
         return self.images[0].format
 
+    @property
+    def compression(self) -> Compression:
+        return self.images[0].compression
+
     def key_material(self) -> dict[str, Any]:
         return {
             "formatVersion": FORMAT_VERSION,

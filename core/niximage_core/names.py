@@ -28,7 +28,9 @@ _PART = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_+-]*")
 SHELL_PACKAGES = ("bashInteractive", "coreutils", "moreutils", "nano")
 ALWAYS_ADDED = ("cacert", "iana-etc")
 ARCHITECTURES = {"amd64": "x86_64-linux", "arm64": "aarch64-linux"}
-META_PACKAGES = ("shell", "arm64")
+META_PACKAGES = ("shell", "arm64", "multiarch")
+MULTIARCH = ("amd64", "arm64")
+"""The platforms of the ``multiarch`` meta-package: one image index of both."""
 
 
 def check_package_name(name: object) -> str:
@@ -64,27 +66,38 @@ def normalise_packages(names: Iterable[str]) -> tuple[str, ...]:
 class ParsedImageName:
     packages: tuple[str, ...]
     """Requested packages, meta-packages expanded, not yet normalised."""
-    arch: str
+    architectures: tuple[str, ...]
+    """One architecture, or (``multiarch``) the platforms of an image index."""
 
 
 def parse_image_name(name: str, default_arch: str = "amd64") -> ParsedImageName:
     """Nixery's rule: only the *leading* run of meta-packages is special.
 
-    ``shell/arm64/jq`` → bash & co + jq on arm64; ``jq/shell`` asks for a package named
-    ``shell``. Registry name components are lowercase; each component is a package name.
+    ``shell/arm64/jq`` → bash & co + jq on arm64; ``multiarch/jq`` → jq for amd64 and
+    arm64 under one image index (no peer has this name: Nixery serves arm64 images only
+    under ``arm64/``); ``jq/shell`` asks for a package named ``shell``. Registry name
+    components are lowercase; each component is a package name.
     """
     components = name.split("/")
-    arch = default_arch
+    architectures: tuple[str, ...] = (default_arch,)
+    chosen: list[str] = []
     packages: list[str] = []
     index = 0
     while index < len(components) and components[index] in META_PACKAGES:
-        if components[index] == "shell":
+        meta = components[index]
+        if meta == "shell":
             packages.extend(SHELL_PACKAGES)
         else:
-            arch = "arm64"
+            chosen.append(meta)
+            architectures = MULTIARCH if meta == "multiarch" else ("arm64",)
         index += 1
+    if len(chosen) > 1:
+        raise InvalidInput(
+            f"image name {name[:100]!r} names the platforms twice ({', '.join(chosen)}): "
+            "give arm64 or multiarch"
+        )
     for component in components[index:]:
         packages.append(check_package_name(component))
     if not packages and index == 0:
         raise InvalidInput(f"image name {name[:100]!r} names no package")
-    return ParsedImageName(tuple(packages), arch)
+    return ParsedImageName(tuple(packages), architectures)

@@ -96,12 +96,25 @@ def ready(
     image = f"{registry}/{target.repository}:{target.tag}"
     how = "found in storage" if pod is None else f"built by {pod.name}"
     size = format_bytes(result.imageSize, binary=True)
-    message = f"{image} is {digest} ({len(result.layers)} layers, {size}; {how})"
+    what = f"{len(result.layers)} layers, {size}"
+    if result.platforms:
+        what = f"an index of {', '.join(p.architecture for p in result.platforms)}; {what}"
+    message = f"{image} is {digest} ({what}; {how})"
     ready_condition, building = _pair(True, "Succeeded", message, building=False)
     fields: dict[str, Any] = {
         "image": image,
         "imageDigest": f"{registry}/{target.repository}@{digest}",
         "digest": digest,
+        # Each platform's own image of an index (None clears an earlier index's list).
+        "platforms": [
+            {
+                "architecture": platform.architecture,
+                "digest": platform.manifestDigest,
+                "imageDigest": f"{registry}/{target.repository}@{platform.manifestDigest}",
+            }
+            for platform in result.platforms
+        ]
+        or None,
         "size": result.imageSize,
         "layers": layer_summary(result),
         "buildTimes": build_times(result, pod),

@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+from niximage_core import imagespec
 from niximage_operator.settings import OperatorSettings
 from niximage_operator.specs import Target
 
@@ -74,6 +75,16 @@ def pod_security(user: int) -> dict[str, Any]:
     }
 
 
+def builder_node_arch(spec: imagespec.BuildTarget, settings: OperatorSettings) -> str:
+    """Where the builder runs: an image of one architecture natively, on a node of it; an
+    index on a node of ``multi_arch_builder_arch``, whose Nix builds the other platforms
+    through emulation (``extra-platforms``, qemu-user's binfmt_misc handler) or substitutes
+    them from a binary cache, as Nixery's arm64 builds do."""
+    if isinstance(spec, imagespec.IndexSpec):
+        return settings.multi_arch_builder_arch
+    return spec.arch
+
+
 def builder_command(target: Target, settings: OperatorSettings) -> list[str]:
     """``niximage build``: the builder computes the same key from the same inputs."""
     spec = target.spec
@@ -82,7 +93,7 @@ def builder_command(target: Target, settings: OperatorSettings) -> list[str]:
         "build",
         *spec.packages,
         "--package-source", str(spec.source),
-        "--arch", spec.arch,
+        "--arch", ",".join(target.architectures),
         "--format", spec.format,
         "--compression", spec.compression,
         "--storage", settings.storage,
@@ -121,10 +132,9 @@ def builder_pod(
     pod_spec: dict[str, Any] = {
         "restartPolicy": "Never",
         "containers": [container],
-        # Nix builds natively: an arm64 image is built on an arm64 node.
         "nodeSelector": {
             **settings.builder_node_selector,
-            "kubernetes.io/arch": spec.arch,
+            "kubernetes.io/arch": builder_node_arch(spec, settings),
             "kubernetes.io/os": "linux",
         },
         "activeDeadlineSeconds": int(settings.build_timeout) + DEADLINE_MARGIN,

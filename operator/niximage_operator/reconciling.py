@@ -175,6 +175,8 @@ async def _with_pull_secret(
     failure is an event, not a failed reconcile: the image is built all the same, and the
     next reconcile or sweep tries again."""
     if ctx.pull_secrets is None:
+        if old.get("pullSecret"):  # turned off: the Secret is no longer kept
+            return dataclasses.replace(outcome, status={**outcome.status, "pullSecret": None})
         return outcome
     try:
         name = await ctx.pull_secrets.ensure(namespace)
@@ -404,6 +406,9 @@ def _finish(
         generation = target.generation
     key = target.key if target is not None else None
     new = conditions.desired_status(old, report, generation, key, ctx.clock())
+    if target is not None:
+        # For the Arch column: "amd64", or "amd64,arm64" for an index.
+        new["arch"] = ",".join(target.architectures)
     return Reconciled(
         conditions.status_patch(old, new),
         conditions.events(old, new),

@@ -13,6 +13,7 @@ from typing import Annotated, Any, Literal
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from niximage_core import imagespec
 from niximage_core.errors import InvalidInput
 from niximage_core.units import parse_duration
 
@@ -64,6 +65,10 @@ class OperatorSettings(BaseSettings):
     """Where the builder container mounts them (JSON list of ``VolumeMount`` objects)."""
     builder_node_selector: dict[str, str] = Field(default_factory=dict)
     """More node labels builder pods need (JSON); the NixImage's architecture is added."""
+    multi_arch_builder_arch: imagespec.Arch = "amd64"
+    """The node architecture of the one builder pod that builds an image of several
+    architectures: its Nix must build the others too (``extra-platforms`` with qemu-user's
+    binfmt_misc handler on the node, or substitution from a binary cache)."""
     builder_tolerations: list[dict[str, Any]] = Field(default_factory=list)
     """Tolerations of builder pods (JSON list), e.g. for dedicated build nodes."""
     builder_image_pull_secrets: Annotated[list[str], NoDecode] = Field(default_factory=list)

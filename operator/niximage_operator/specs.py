@@ -92,7 +92,8 @@ class Target:
     name: str
     uid: str
     generation: int
-    spec: imagespec.ImageSpec
+    spec: imagespec.BuildTarget
+    """One image, or an index of one image per architecture."""
     key: str
     tag: str
 
@@ -100,6 +101,13 @@ class Target:
     def repository(self) -> str:
         """``<namespace>/<name>``: the registry name, and the tag path in storage."""
         return f"{self.namespace}/{self.name}"
+
+    @property
+    def architectures(self) -> tuple[str, ...]:
+        """The image's architectures: one, or an index's, in the spec's order."""
+        if isinstance(self.spec, imagespec.IndexSpec):
+            return self.spec.architectures
+        return (self.spec.arch,)
 
     @property
     def pinned(self) -> bool:
@@ -120,10 +128,10 @@ def resolve(body: Mapping[str, Any], package_sources: PackageSources) -> Target:
         source = package_sources.resolve(image.spec.packageSource)
     except InvalidInput as exc:
         raise InvalidInput(f"spec.packageSource: {exc}") from exc
-    spec = imagespec.make_spec(
+    spec = imagespec.make_target(
         image.spec.packages,
         source,
-        arch=image.spec.arch,
+        architectures=image.spec.platform_architectures,
         format=image.spec.format,
         compression=image.spec.compression,
     )

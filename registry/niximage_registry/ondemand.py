@@ -6,7 +6,7 @@ the package source pinned at startup â†’ the build function in a build thread â†
 like any stored tag.
 
 The registry never imports the build pipeline: the ``niximage`` command line hands it a
-``BuildFunction`` (the builder's ``build_image`` with its Nix settings), tests a fake.
+``BuildFunction`` (the builder's ``build_target`` with its Nix settings), tests a fake.
 
 - **Single flight**: one build per build key, however many pulls wait for it; the task
   belongs to this object, not to a request, and waiters ``shield`` it, so a client that
@@ -58,8 +58,9 @@ FAILURE_REASONS = {
 }
 """What a client is told of a deterministic failure (the details go to the log)."""
 
-BuildFunction = Callable[[imagespec.ImageSpec, Storage, threading.Event], BuildResult]
-"""Build one image into the storage; the event, once set, cancels the build (shutdown)."""
+BuildFunction = Callable[[imagespec.BuildTarget, Storage, threading.Event], BuildResult]
+"""Build one image (or an index) into the storage; the event, once set, cancels the build
+(shutdown)."""
 
 
 @dataclass(frozen=True)
@@ -96,10 +97,12 @@ class OnDemand:
     def accepts(self, tag: str) -> bool:
         return tag in self.settings.tags
 
-    def spec_for(self, name: str) -> imagespec.ImageSpec:
+    def spec_for(self, name: str) -> imagespec.BuildTarget:
         try:
             parsed = names.parse_image_name(name)
-            return imagespec.make_spec(list(parsed.packages), self.settings.source, parsed.arch)
+            return imagespec.make_target(
+                list(parsed.packages), self.settings.source, parsed.architectures
+            )
         except InvalidInput as exc:
             raise RegistryError(Code.NAME_INVALID, str(exc), {"name": name}) from None
 
@@ -142,7 +145,7 @@ class OnDemand:
             await self._content.run(self._storage.write, path, str(digest).encode())
         self._content.remember_tag(name, tag, digest)
 
-    async def _run(self, key: str, spec: imagespec.ImageSpec, name: str, tag: str) -> Digest:
+    async def _run(self, key: str, spec: imagespec.BuildTarget, name: str, tag: str) -> Digest:
         loop = asyncio.get_running_loop()
         running = self._metrics.builds_running.labels(self._metrics.worker)
         running.inc()
@@ -202,7 +205,7 @@ class OnDemand:
         self._failures.put(key, error)
         return error
 
-    def _build_and_tag(self, spec: imagespec.ImageSpec, name: str, tag: str) -> Digest:
+    def _build_and_tag(self, spec: imagespec.BuildTarget, name: str, tag: str) -> Digest:
         """Runs in a build thread: the whole pipeline, then the tag (after its blobs)."""
         result = self.settings.build(spec, self._storage, self._cancel)
         layout.record_tag(self._storage, name, tag, result)

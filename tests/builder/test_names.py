@@ -73,12 +73,20 @@ def test_normalise_ignores_order_and_duplicates(packages: list[str]) -> None:
         ("shell/arm64", names.SHELL_PACKAGES, "arm64"),
         ("jq/shell", ("jq", "shell"), "amd64"),  # only the leading run is meta
         ("htop/arm64", ("htop", "arm64"), "amd64"),
+        ("multiarch/jq", ("jq",), "amd64,arm64"),
+        ("shell/multiarch/jq", (*names.SHELL_PACKAGES, "jq"), "amd64,arm64"),
+        ("jq/multiarch", ("jq", "multiarch"), "amd64"),
     ],
 )
 def test_image_names(image: str, packages: tuple[str, ...], arch: str) -> None:
     parsed = names.parse_image_name(image)
     assert parsed.packages == packages
-    assert parsed.arch == arch
+    assert ",".join(parsed.architectures) == arch
+
+
+def test_the_platforms_are_named_once() -> None:
+    with pytest.raises(InvalidInput, match="names the platforms twice"):
+        names.parse_image_name("arm64/multiarch/jq")
 
 
 def test_image_name_with_bad_component() -> None:

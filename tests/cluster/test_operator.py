@@ -21,7 +21,9 @@ import yaml
 from kubesupport import cluster, helmtool
 from kubesupport.cluster import Cluster, condition, eventually
 from niximage_core import layout
+from niximage_core.digest import Digest
 from niximage_core.storage import factory
+from testsupport import require_arm64
 
 API_VERSION = "niximage.dev/v1alpha1"
 BUILD_TIMEOUT = 300.0
@@ -116,7 +118,9 @@ def test_apply_wait_describe_retag_delete(operator_running: Cluster, tenant: str
     assert "finalizers" not in obj["metadata"], "deletion must never wait for the operator"
     # Printer columns and events, as a person reads them.
     table = kube.admin.run("get", "nimg", "-n", tenant).stdout
-    assert table.split()[:7] == ["NAME", "TAG", "ARCH", "READY", "REASON", "IMAGE", "AGE"]
+    header, row = table.splitlines()
+    assert header.split() == ["NAME", "TAG", "ARCH", "READY", "REASON", "IMAGE", "AGE"], table
+    assert row.split()[:5] == ["jq", "1.0", "amd64", "True", "Succeeded"], table
     assert "True" in table and "Succeeded" in table
     wide = kube.admin.run("get", "nimg", "-n", tenant, "-o", "wide").stdout
     assert "DIGEST" in wide.splitlines()[0] and status["digest"] in wide
@@ -141,6 +145,35 @@ def test_apply_wait_describe_retag_delete(operator_running: Cluster, tenant: str
     kube.admin.run("delete", "nimg", "jq", "-n", tenant, "--timeout=20s")
     eventually(lambda: tag_of(kube, f"{tenant}/jq", "2.0") is None, 60, "the tag is removed")
     eventually(lambda: not builder_pods(kube, tenant), 60, "the builder pod is collected")
+
+
+def test_an_image_of_two_architectures_becomes_one_index(
+    operator_running: Cluster, tenant: str
+) -> None:
+    """spec.architectures: one builder pod (on an amd64 node, its Nix building arm64
+    through qemu) makes both images and the index; status names all three digests."""
+    require_arm64()
+    kube = operator_running
+    kube.admin.apply(nix_image("both", ["attr"], architectures=["amd64", "arm64"]),
+                     namespace=tenant)  # fmt: skip
+    status = wait_reason(kube, tenant, "both", "Succeeded")["status"]
+    assert [p["architecture"] for p in status["platforms"]] == ["amd64", "arm64"]
+    index = factory.open_storage(str(kube.storage))
+    with index.open_blob(Digest.parse(status["digest"])) as stream:
+        manifests = json.loads(stream.read())["manifests"]
+    assert [(m["platform"]["architecture"], m["digest"]) for m in manifests] == [
+        (p["architecture"], p["digest"]) for p in status["platforms"]
+    ]
+    assert tag_of(kube, f"{tenant}/both", "latest") == status["digest"]
+    (pod,) = builder_pods(kube, tenant)
+    assert pod["spec"]["nodeSelector"]["kubernetes.io/arch"] == "amd64"
+    table = kube.admin.run("get", "nimg", "both", "-n", tenant).stdout
+    assert table.splitlines()[1].split()[:3] == ["both", "latest", "amd64,arm64"], table
+    # Both arch and architectures: the API server refuses, with the rule's message.
+    both = nix_image("bad", ["attr"], arch="arm64", architectures=["arm64"])
+    refused = kube.admin.run("apply", "-n", tenant, "-f", "-", input=yaml.safe_dump(both),
+                             check=False)  # fmt: skip
+    assert refused.returncode != 0 and "give arch or architectures, not both" in refused.stderr
 
 
 def test_missing_packages_are_final_until_the_spec_changes(

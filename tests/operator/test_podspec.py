@@ -44,6 +44,17 @@ def test_the_pod_runs_niximage_build_once_with_the_termination_log() -> None:
     assert {"name": "NIXIMAGE_BUILD_KEY", "value": resolved.key} in container["env"]
 
 
+def test_an_index_is_built_by_one_pod_on_the_multi_arch_builders_node() -> None:
+    resolved = target(packages=("jq",), architectures=["amd64", "arm64"])
+    assert resolved.architectures == ("amd64", "arm64")
+    for node_arch in ("amd64", "arm64"):
+        pod = podspec.builder_pod(resolved, 1, body(), settings(multi_arch_builder_arch=node_arch))
+        [container] = pod["spec"]["containers"]
+        command = container["command"]
+        assert command[command.index("--arch") + 1] == "amd64,arm64"
+        assert pod["spec"]["nodeSelector"]["kubernetes.io/arch"] == node_arch
+
+
 def test_labels_annotations_and_owner() -> None:
     resolved = target()
     metadata = podspec.builder_pod(resolved, 2, body(), settings())["metadata"]

@@ -141,3 +141,31 @@ def test_export_writes_the_index_with_both_images(built: Built, tmp_path: Path) 
             skopeo("--override-arch", arch, "inspect", "--config", f"oci:{layout}:multi")
         )
         assert config["architecture"] == arch
+
+
+def test_on_demand_multiarch_names_serve_an_index(tmp_path: Path) -> None:
+    """Nixery's names, one meta-package further: ``multiarch/…`` is built on the first
+    pull as an index of amd64 and arm64; ``arm64/…`` stays one arm64 image."""
+    require_arm64()
+    with RegistryProcess(tmp_path / "store", "--on-demand") as served:
+        index = json.loads(
+            skopeo("inspect", "--tls-verify=false", "--raw",
+                   f"docker://{served.address}/multiarch/busybox:latest")
+        )  # fmt: skip
+        assert index["mediaType"] == manifest.OCI_INDEX
+        assert [m["platform"]["architecture"] for m in index["manifests"]] == ["amd64", "arm64"]
+        config = json.loads(
+            skopeo("--override-arch", "arm64", "inspect", "--tls-verify=false", "--config",
+                   f"docker://{served.address}/multiarch/busybox:latest")
+        )  # fmt: skip
+        assert config["architecture"] == "arm64"
+        single = json.loads(
+            skopeo("inspect", "--tls-verify=false", "--raw",
+                   f"docker://{served.address}/arm64/busybox:latest")
+        )  # fmt: skip
+        assert single["mediaType"] == manifest.OCI_MANIFEST
+        # The arm64 image alone is the index's arm64 entry: one build, cached once.
+        assert single == json.loads(
+            skopeo("inspect", "--tls-verify=false", "--raw",
+                   f"docker://{served.address}/multiarch/busybox@{index['manifests'][1]['digest']}")
+        )  # fmt: skip
