@@ -23,8 +23,14 @@ from niximage_core import __version__
 from niximage_core.errors import InvalidInput, NixImageError, PackagesNotFound
 from niximage_core.gc import command as gc_command
 
+SERVE_HELP = "serve images from storage: a pull-only OCI registry"
+OPERATOR_HELP = "run the Kubernetes operator (NixImage → builder pods → status)"
 
-def build_parser() -> argparse.ArgumentParser:
+
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The whole command line; with ``command`` (the subcommand about to run), the registry
+    and the operator are imported only if it is theirs: `niximage build` in a builder pod
+    pays for neither aiohttp nor kopf and pydantic-settings at every start."""
     parser = argparse.ArgumentParser(prog="niximage", description=__doc__.splitlines()[0])
     parser.add_argument("--version", action="version", version=f"niximage {__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -34,24 +40,26 @@ def build_parser() -> argparse.ArgumentParser:
     gc_command.add_arguments(gc_parser, builder_commands.DEFAULT_STORAGE)
     gc_parser.set_defaults(run=gc_command.run)
 
-    # The registry and the operator are imported when their subcommand runs: `niximage
-    # build` in a builder pod should not pay for aiohttp or kopf at every start.
-    serve_parser = commands.add_parser(
-        "serve", help="serve images from storage: a pull-only OCI registry"
-    )
-    from niximage_registry import command as serve_command
+    serve_parser = commands.add_parser("serve", help=SERVE_HELP)
+    if command in (None, "serve"):
+        from niximage_registry import command as serve_command
 
-    serve_command.add_arguments(serve_parser)
-    serve_parser.set_defaults(run=_serve)
+        serve_command.add_arguments(serve_parser)
+        serve_parser.set_defaults(run=_serve)
 
-    operator_parser = commands.add_parser(
-        "operator", help="run the Kubernetes operator (NixImage → builder pods → status)"
-    )
-    from niximage_operator import command as operator_command
+    operator_parser = commands.add_parser("operator", help=OPERATOR_HELP)
+    if command in (None, "operator"):
+        from niximage_operator import command as operator_command
 
-    operator_command.add_arguments(operator_parser)
-    operator_parser.set_defaults(run=operator_command.run)
+        operator_command.add_arguments(operator_parser)
+        operator_parser.set_defaults(run=operator_command.run)
     return parser
+
+
+def subcommand(argv: Sequence[str]) -> str | None:
+    """The subcommand ``argv`` names: its first word that is no option (the top level has
+    only ``--version`` and ``--help``, which take no value)."""
+    return next((word for word in argv if not word.startswith("-")), None)
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -69,7 +77,8 @@ def error_document(error: NixImageError) -> dict[str, Any]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    words = sys.argv[1:] if argv is None else list(argv)
+    args = build_parser(subcommand(words)).parse_args(words)
     try:
         return int(args.run(args))
     except (InvalidInput, PackagesNotFound) as exc:

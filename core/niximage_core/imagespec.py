@@ -24,8 +24,9 @@ from niximage_core import names
 from niximage_core.errors import InvalidInput
 from niximage_core.sources import PackageSource
 
-FORMAT_VERSION = 1
-"""Bump when the builder's output for the same spec changes (layering, tar, manifest)."""
+FORMAT_VERSION = 2
+"""Bump when the builder's output for the same spec changes (layering, tar, manifest).
+2: layers compressed in chunks of 4 MiB of tar (``niximage_builder.compression``)."""
 
 Arch = Literal["amd64", "arm64"]
 ManifestFormat = Literal["oci", "docker"]
@@ -38,7 +39,7 @@ def canonical_json(value: Any) -> bytes:
 
 
 class ImageSpec(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    model_config = ConfigDict(frozen=True, extra="forbid", defer_build=True)
 
     packages: tuple[str, ...]
     """Normalised: valid, ``cacert``/``iana-etc`` added, de-duplicated, sorted."""
@@ -118,7 +119,7 @@ def make_spec(
 class IndexSpec(BaseModel):
     """The same packages for several architectures: an image index over one image each."""
 
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    model_config = ConfigDict(frozen=True, extra="forbid", defer_build=True)
 
     images: tuple[ImageSpec, ...]
     """One per architecture, in the order asked; the same in all but ``arch``."""

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-import yaml
 from pydantic import (
     BaseModel,
     ConfigDict,
@@ -27,7 +26,7 @@ KIND = "NixImage"
 
 
 class NixImageSpec(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", defer_build=True)
 
     packages: list[str] = Field(min_length=1)
     arch: imagespec.Arch = "amd64"
@@ -84,14 +83,14 @@ class NixImageSpec(BaseModel):
 
 
 class Metadata(BaseModel):
-    model_config = ConfigDict(extra="allow")
+    model_config = ConfigDict(extra="allow", defer_build=True)
 
     name: str
     namespace: str | None = None
 
 
 class NixImage(BaseModel):
-    model_config = ConfigDict(extra="allow")
+    model_config = ConfigDict(extra="allow", defer_build=True)
 
     apiVersion: Literal["niximage.dev/v1alpha1"]
     kind: Literal["NixImage"]
@@ -139,6 +138,8 @@ def parse_resource(data: Any) -> NixImage:
 
 
 def load_file(path: str) -> NixImage:
+    import yaml  # only for -f: a build from the command line never reads YAML
+
     try:
         with open(path) as stream:
             documents = [d for d in yaml.safe_load_all(stream) if d is not None]

@@ -14,12 +14,16 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from niximage_core.errors import NixImageError, PackagesNotFound
 
+# Every model here sets ``defer_build``: pydantic builds a model's validator when it is
+# first used, so a command pays only for the models it touches (a warm ``niximage build``
+# starts in tens of milliseconds).
+
 TERMINATION_LIMIT = 4096
 """Kubernetes truncates a container's termination message at 4 KiB."""
 
 
 class LayerResult(BaseModel):
-    model_config = ConfigDict(frozen=True)
+    model_config = ConfigDict(frozen=True, defer_build=True)
 
     digest: str
     diffId: str
@@ -35,7 +39,7 @@ class LayerResult(BaseModel):
 class PlatformResult(BaseModel):
     """One platform of an image index: its own build (``builds/<buildKey>``) and image."""
 
-    model_config = ConfigDict(frozen=True)
+    model_config = ConfigDict(frozen=True, defer_build=True)
 
     architecture: str
     buildKey: str
@@ -47,7 +51,7 @@ class PlatformResult(BaseModel):
 
 
 class BuildError(BaseModel):
-    model_config = ConfigDict(frozen=True)
+    model_config = ConfigDict(frozen=True, defer_build=True)
 
     kind: str
     """MissingPackages, InvalidSpec, EvalError, BuildFailed, Timeout, StorageError, ..."""
@@ -68,7 +72,7 @@ class BuildError(BaseModel):
 
 
 class BuildResult(BaseModel):
-    model_config = ConfigDict(frozen=True)
+    model_config = ConfigDict(frozen=True, defer_build=True)
 
     buildKey: str
     spec: dict[str, Any]

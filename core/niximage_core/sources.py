@@ -19,6 +19,7 @@ means ``path:``.
 
 from __future__ import annotations
 
+import functools
 import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -33,7 +34,7 @@ _NAR_HASH = re.compile(r"sha256-[A-Za-z0-9+/]{43}=")
 
 
 class _Source(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    model_config = ConfigDict(frozen=True, extra="forbid", defer_build=True)
 
 
 class PathSource(_Source):
@@ -121,15 +122,18 @@ class GitSource(_Source):
 
 
 PackageSource = Annotated[PathSource | NixpkgsSource | GitSource, Field(discriminator="type")]
-_ADAPTER: TypeAdapter[PathSource | NixpkgsSource | GitSource] = TypeAdapter(PackageSource)
+@functools.cache
+def _adapter() -> TypeAdapter[PathSource | NixpkgsSource | GitSource]:
+    """Built on first use, like the models (``defer_build``)."""
+    return TypeAdapter(PackageSource)
 
 
 def parse_source(value: str | dict[str, Any]) -> PathSource | NixpkgsSource | GitSource:
     """Parse the text form or the structured (NixImage ``spec.packageSource``) form."""
     try:
         if isinstance(value, dict):
-            return _ADAPTER.validate_python(value)
-        return _ADAPTER.validate_python(_from_text(value))
+            return _adapter().validate_python(value)
+        return _adapter().validate_python(_from_text(value))
     except ValidationError as exc:
         problems = "; ".join(err["msg"] for err in exc.errors())
         raise InvalidInput(f"invalid package source {str(value)[:200]!r}: {problems}") from exc

@@ -5,7 +5,9 @@ never the loop and never the build pool. Three caches keep storage out of the ho
 pull (a kubelet asks for the same manifest by tag and then by digest, nodes pull in waves):
 
 - tag → digest, for ``tag_ttl`` seconds (default 1 s): a moved tag is seen within that
-  time, in every replica, with no invalidation protocol;
+  time, in every replica, with no invalidation protocol. Concurrent lookups of one tag
+  share one storage read (``SingleFlight``), also with the cache off (``tag_ttl`` 0): an
+  answer is then never older than the read in flight when the request came;
 - digest → manifest bytes (and media type), verified once against the digest: content
   addressed, so immutable; bounded in bytes and kept ``manifest_ttl`` seconds so that a
   manifest removed by garbage collection stops being served;
@@ -25,7 +27,7 @@ import logging
 import os
 import time
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from concurrent.futures import Executor
 from dataclasses import dataclass
 from typing import BinaryIO, Generic, TypeVar
@@ -48,6 +50,33 @@ READINESS_KEY = "registry/readiness"
 K = TypeVar("K")
 V = TypeVar("V")
 T = TypeVar("T")
+
+
+class SingleFlight(Generic[K, V]):
+    """One run of ``work`` per key at a time; concurrent callers await the same result.
+
+    The run is a task of its own, so a caller that is cancelled (a client gone) stops
+    waiting without cancelling it for the others."""
+
+    def __init__(self) -> None:
+        self._running: dict[K, asyncio.Future[V]] = {}
+
+    async def run(self, key: K, work: Callable[[], Awaitable[V]]) -> V:
+        task = self._running.get(key)
+        if task is None:
+            task = asyncio.ensure_future(work())
+            self._running[key] = task
+            task.add_done_callback(lambda done: self._done(key, done))
+        return await asyncio.shield(task)
+
+    def _done(self, key: K, task: asyncio.Future[V]) -> None:
+        if self._running.get(key) is task:
+            del self._running[key]
+        if not task.cancelled():
+            task.exception()  # retrieved: no "never retrieved" warning without waiters
+
+    def __len__(self) -> int:
+        return len(self._running)
 
 
 class TtlCache(Generic[K, V]):
@@ -151,7 +180,8 @@ class Content:
         )
         self._repositories: TtlCache[str, bool] = TtlCache(cache.repository_ttl, 100_000)
         self._reachable: TtlCache[str, Reachable] = TtlCache(cache.repository_ttl, 10_000)
-        self._walks: dict[str, asyncio.Future[Reachable]] = {}
+        self._walks: SingleFlight[str, Reachable] = SingleFlight()
+        self._tag_reads: SingleFlight[tuple[str, str], Digest | None] = SingleFlight()
         self._refresh_after = cache.tag_ttl
         self._on_cache = on_cache or (lambda _cache, _hit: None)
 
@@ -184,9 +214,13 @@ class Content:
         digest = self._tags.get(key)
         self._on_cache("tag", digest is not None)
         if digest is None:
-            digest = await self.run(self._read_tag, repository, tag)
-            if digest is not None:
-                self._tags.put(key, digest)
+            digest = await self._tag_reads.run(key, lambda: self._read_tag_once(key))
+        return digest
+
+    async def _read_tag_once(self, key: tuple[str, str]) -> Digest | None:
+        digest = await self.run(self._read_tag, *key)
+        if digest is not None:
+            self._tags.put(key, digest)
         return digest
 
     def remember_tag(self, repository: str, tag: str, digest: Digest) -> None:
@@ -243,22 +277,12 @@ class Content:
 
     async def _walk_once(self, repository: str) -> Reachable:
         """One walk per repository at a time; concurrent callers share it."""
-        running = self._walks.get(repository)
-        if running is not None:
-            return await asyncio.shield(running)
-        future: asyncio.Future[Reachable] = asyncio.get_running_loop().create_future()
-        self._walks[repository] = future
-        try:
-            found = await self._walk(repository)
-            self._reachable.put(repository, found)
-            future.set_result(found)
-            return found
-        except BaseException as exc:
-            future.set_exception(exc)
-            future.exception()  # retrieved: no "never retrieved" warning without waiters
-            raise
-        finally:
-            del self._walks[repository]
+        return await self._walks.run(repository, lambda: self._walk_and_remember(repository))
+
+    async def _walk_and_remember(self, repository: str) -> Reachable:
+        found = await self._walk(repository)
+        self._reachable.put(repository, found)
+        return found
 
     async def _walk(self, repository: str) -> Reachable:
         started = time.monotonic()

@@ -8,18 +8,19 @@ is) and whether that identity may ``get`` NixImages in the image's namespace
 name, so the rule is the one a tenant already understands: who may read the NixImage may
 pull its image, and a token of namespace A never pulls an image of namespace B.
 
-The ``kubernetes`` client library does the API calls (its in-cluster configuration
-re-reads the rotated service account token of the registry's own pod); this module is the
-one place in the registry that imports it. Calls block, so the registry runs them in its
-storage pool. Answers, positive and negative, are cached for ``ttl`` seconds (keyed by a
-hash of the token, never the token itself), so a wave of pulls costs the API server one
-review per token and namespace; a revoked binding takes effect within ``ttl`` plus the
-lifetime of tokens already issued by ``/token``.
+pykube-ng does the two API calls (plain JSON POSTs, with the pod's service account or
+``$KUBECONFIG``, as for the operator); this module is the one place in the registry that
+imports it. Calls block, so the registry runs them in its storage pool. Answers, positive
+and negative, are cached for ``ttl`` seconds (keyed by a hash of the token, never the
+token itself), so a wave of pulls costs the API server one review per token and
+namespace; a revoked binding takes effect within ``ttl`` plus the lifetime of tokens
+already issued by ``/token``.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import re
 import threading
@@ -39,6 +40,12 @@ _DNS_LABEL = re.compile(r"[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?")
 """A namespace name (RFC 1123 label): the first component of a NixImage's repository."""
 REQUEST_TIMEOUT = (3.0, 5.0)
 """Connect and read timeouts of one review: a pull must fail fast, not wait for minutes."""
+TOKEN_REVIEW = ("authentication.k8s.io/v1", "tokenreviews", "TokenReview")
+ACCESS_REVIEW = ("authorization.k8s.io/v1", "subjectaccessreviews", "SubjectAccessReview")
+
+Post = Callable[[tuple[str, str, str], dict[str, Any]], dict[str, Any]]
+"""Create one review (api version, resource, kind) with this spec; the answer's status.
+Raises ``ReviewUnavailable`` when the API server does not answer."""
 
 K = TypeVar("K")
 V = TypeVar("V")
@@ -103,45 +110,34 @@ class _Expiring(Generic[K, V]):
 
 
 class Reviews:
-    """TokenReview and SubjectAccessReview through one API client, with their answers cached.
+    """TokenReview and SubjectAccessReview through ``post``, with their answers cached.
 
-    ``authn`` and ``authz`` are ``kubernetes.client.AuthenticationV1Api`` and
-    ``AuthorizationV1Api``; ``load`` makes them from the in-cluster configuration, or
-    ``$KUBECONFIG`` outside a cluster.
+    ``load`` makes ``post`` from the in-cluster configuration, or ``$KUBECONFIG`` outside a
+    cluster; tests hand in their own.
     """
 
     def __init__(
         self,
-        authn: Any,
-        authz: Any,
+        post: Post,
         ttl: float = 10.0,
         max_entries: int = 10_000,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
-        from kubernetes import client
-
-        self._client = client
-        self._authn, self._authz = authn, authz
+        self._post = post
         self._users: _Expiring[bytes, KubeUser | None] = _Expiring(ttl, max_entries, clock)
         self._decisions: _Expiring[tuple[bytes, str], bool] = _Expiring(ttl, max_entries, clock)
 
     @classmethod
     def load(cls, ttl: float = 10.0) -> Reviews:
-        from kubernetes import config
+        import pykube
 
         try:
-            try:
-                config.load_incluster_config()
-            except config.ConfigException:
-                config.load_kube_config()
-        except (config.ConfigException, OSError, TypeError, ValueError) as exc:
+            config = pykube.KubeConfig.from_env()
+        except (pykube.exceptions.PyKubeError, OSError, ValueError) as exc:
             raise InvalidInput(
                 f"--auth-kubernetes: no in-cluster configuration and no usable kubeconfig ({exc})"
             ) from exc
-        from kubernetes import client
-
-        api = client.ApiClient()
-        return cls(client.AuthenticationV1Api(api), client.AuthorizationV1Api(api), ttl)
+        return cls(_poster(pykube.HTTPClient(config, timeout=REQUEST_TIMEOUT)), ttl)
 
     def user(self, token: str) -> KubeUser | None:
         """The identity of a token the API server accepts, else None."""
@@ -149,16 +145,15 @@ class Reviews:
         hit, user = self._users.get(key)
         if hit:
             return user
-        review = self._client.V1TokenReview(spec=self._client.V1TokenReviewSpec(token=token))
-        status = self._call(self._authn.create_token_review, review).status
+        status = self._post(TOKEN_REVIEW, {"token": token})
+        found = status.get("user") or {}
         user = None
-        if status is not None and status.authenticated and status.user is not None:
-            found = status.user
+        if status.get("authenticated") and found.get("username"):
             user = KubeUser(
-                username=found.username or "",
-                uid=found.uid or "",
-                groups=tuple(found.groups or ()),
-                extra={k: tuple(v) for k, v in (found.extra or {}).items()},
+                username=str(found["username"]),
+                uid=str(found.get("uid") or ""),
+                groups=tuple(found.get("groups") or ()),
+                extra={k: tuple(v) for k, v in (found.get("extra") or {}).items()},
             )
         self._users.put(key, user)
         return user
@@ -169,34 +164,48 @@ class Reviews:
         hit, allowed = self._decisions.get(key)
         if hit:
             return bool(allowed)
-        spec = self._client.V1SubjectAccessReviewSpec(
-            user=user.username,
-            uid=user.uid or None,
-            groups=list(user.groups),
-            extra={k: list(v) for k, v in user.extra.items()},
-            resource_attributes=self._client.V1ResourceAttributes(
-                namespace=namespace, verb="get", group=GROUP, resource=RESOURCE
-            ),
-        )
-        review = self._client.V1SubjectAccessReview(spec=spec)
-        status = self._call(self._authz.create_subject_access_review, review).status
-        allowed = bool(status is not None and status.allowed and not status.denied)
+        spec: dict[str, Any] = {
+            "user": user.username,
+            "groups": list(user.groups),
+            "extra": {k: list(v) for k, v in user.extra.items()},
+            "resourceAttributes": {
+                "namespace": namespace,
+                "verb": "get",
+                "group": GROUP,
+                "resource": RESOURCE,
+            },
+        }
+        if user.uid:
+            spec["uid"] = user.uid
+        status = self._post(ACCESS_REVIEW, spec)
+        allowed = bool(status.get("allowed")) and not status.get("denied")
         self._decisions.put(key, allowed)
         return allowed
 
     def allowed_namespaces(self, user: KubeUser, namespaces: Sequence[str]) -> set[str]:
         return {namespace for namespace in set(namespaces) if self.may_pull(user, namespace)}
 
-    def _call(self, create: Callable[..., Any], body: Any) -> Any:
-        from kubernetes.client.exceptions import ApiException
-        from urllib3.exceptions import HTTPError
 
+def _poster(api: Any) -> Post:
+    """``Post`` over a ``pykube.HTTPClient``."""
+    import requests
+
+    def post(review: tuple[str, str, str], spec: dict[str, Any]) -> dict[str, Any]:
+        version, resource, kind = review
+        body = {"apiVersion": version, "kind": kind, "spec": spec}
         try:
-            return create(body, _request_timeout=REQUEST_TIMEOUT)
-        except ApiException as exc:
-            # 403: the registry's own identity lacks system:auth-delegator; 5xx: an outage.
-            log.error("review refused by the API server: %s %s", exc.status, exc.reason)
-            raise ReviewUnavailable(f"the API server refused a review ({exc.status})") from exc
-        except (HTTPError, OSError) as exc:
+            response = api.post(version=version, url=resource, data=json.dumps(body))
+        except (requests.RequestException, OSError) as exc:
             log.error("review failed: %s", exc)
             raise ReviewUnavailable("the API server is unreachable") from exc
+        if not response.ok:
+            # 403: the registry's own identity lacks system:auth-delegator; 5xx: an outage.
+            log.error("review refused by the API server: %s %s", response.status_code, kind)
+            raise ReviewUnavailable(f"the API server refused a review ({response.status_code})")
+        try:
+            status = response.json().get("status") or {}
+        except ValueError as exc:
+            raise ReviewUnavailable("the API server answered a review with no JSON") from exc
+        return status if isinstance(status, dict) else {}
+
+    return post

@@ -81,6 +81,16 @@ def test_the_crd_is_structural_and_established(kube: Cluster) -> None:
         ({"packages": ["$(reboot)"]}, "spec.packages[0]: Invalid value"),
         ({"packages": []}, "spec.packages: Invalid value"),
         ({"packages": ["jq"], "arch": "sparc"}, 'Unsupported value: "sparc"'),
+        ({"packages": ["jq"], "architectures": []}, "spec.architectures: Invalid value"),
+        (
+            {"packages": ["jq"], "architectures": ["amd64", "riscv64"]},
+            'Unsupported value: "riscv64"',
+        ),
+        ({"packages": ["jq"], "architectures": ["arm64", "arm64"]}, "Duplicate value"),
+        (
+            {"packages": ["jq"], "arch": "arm64", "architectures": ["arm64"]},
+            "give arch or architectures, not both",
+        ),
         (
             {"packages": ["jq"], "format": "docker", "compression": "zstd"},
             "format docker has no zstd layers",

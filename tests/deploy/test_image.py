@@ -107,6 +107,17 @@ def test_the_image_is_small_and_holds_no_build_tools(built: Built) -> None:
     assert done.returncode == 0
 
 
+def deployment(objects: list[dict[str, Any]], component: str) -> dict[str, Any]:
+    """The chart's operator or registry Deployment."""
+    (found,) = [
+        o
+        for o in objects
+        if o["kind"] == "Deployment"
+        and o["metadata"]["labels"]["app.kubernetes.io/component"] == component
+    ]
+    return found
+
+
 def operator_settings(built: Built, storage: str) -> OperatorSettings:
     """Settings as the chart gives them, with the package source the image recorded."""
     recorded = built.run(built.image, "cat", "/opt/niximage/package-source")
@@ -198,11 +209,7 @@ def test_a_builder_pod_builds_the_bundled_set_and_the_registry_serves_it(
     subprocess.run(["chmod", "-R", "a+rX", str(run["storage"])], check=True)
 
     # The registry, as the chart runs it, fetching the manifest from inside its container.
-    objects = render()
-    (deployment,) = [o for o in objects if o["kind"] == "Deployment"]
-    registry = next(
-        c for c in deployment["spec"]["template"]["spec"]["containers"] if c["name"] == "registry"
-    )
+    (registry,) = deployment(render(), "registry")["spec"]["template"]["spec"]["containers"]
     serve = cli.build_parser().parse_args(registry["command"][1:])
     port = serve.listen.rpartition(":")[2]
     url = f"http://127.0.0.1:{port}/v2/{target.repository}/manifests/{target.tag}"
@@ -247,9 +254,7 @@ def test_the_operator_entry_imports_in_the_image(built: Built) -> None:
 def test_the_charts_operator_command_starts_in_the_image(built: Built) -> None:
     """The chart's command (the shell reading the image's package source, then
     ``niximage operator``) gets as far as argument parsing in the image."""
-    objects = render()
-    (deployment,) = [o for o in objects if o["kind"] == "Deployment"]
-    operator = deployment["spec"]["template"]["spec"]["containers"][0]
+    (operator,) = deployment(render(), "operator")["spec"]["template"]["spec"]["containers"]
     done = built.run(
         "--read-only", f"--user={USER}", "--tmpfs=/tmp", built.image, *operator["command"], "--help"
     )

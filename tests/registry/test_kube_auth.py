@@ -180,55 +180,42 @@ def test_authentication_needs_someone_to_let_in() -> None:
         auth.Authenticator(auth.AuthSettings(users={}))
 
 
-class AuthenticationApi:
-    """``AuthenticationV1Api`` as the registry calls it; counts the calls."""
+class ApiServer:
+    """The two review endpoints as the registry calls them; records what it is asked."""
 
     def __init__(self) -> None:
-        self.calls = 0
-
-    def create_token_review(self, body: Any, _request_timeout: Any = None) -> Any:
-        from kubernetes import client
-
-        self.calls += 1
-        known = body.spec.token == TEST_TOKEN
-        user = client.V1UserInfo(username="system:serviceaccount:test:puller", uid="u1")
-        return client.V1TokenReview(
-            spec=body.spec,
-            status=client.V1TokenReviewStatus(authenticated=known, user=user if known else None),
-        )
-
-
-class AuthorizationApi:
-    def __init__(self) -> None:
+        self.token_reviews = 0
         self.asked: list[tuple[str, str, str, str]] = []
 
-    def create_subject_access_review(self, body: Any, _request_timeout: Any = None) -> Any:
-        from kubernetes import client
-
-        attributes = body.spec.resource_attributes
+    def post(self, review: tuple[str, str, str], spec: dict[str, Any]) -> dict[str, Any]:
+        if review == kubeauth.TOKEN_REVIEW:
+            self.token_reviews += 1
+            if spec["token"] != TEST_TOKEN:
+                return {"authenticated": False}
+            user = {"username": "system:serviceaccount:test:puller", "uid": "u1"}
+            return {"authenticated": True, "user": user}
+        assert review == kubeauth.ACCESS_REVIEW
+        attributes = spec["resourceAttributes"]
         self.asked.append(
-            (body.spec.user, attributes.namespace, attributes.verb, attributes.resource)
+            (spec["user"], attributes["namespace"], attributes["verb"], attributes["resource"])
         )
-        allowed = attributes.namespace == "test"
-        return client.V1SubjectAccessReview(
-            spec=body.spec, status=client.V1SubjectAccessReviewStatus(allowed=allowed)
-        )
+        return {"allowed": attributes["namespace"] == "test"}
 
 
 def test_reviews_ask_once_per_token_and_namespace_within_the_ttl() -> None:
     now = [0.0]
-    authn, authz = AuthenticationApi(), AuthorizationApi()
-    reviews = kubeauth.Reviews(authn, authz, ttl=10, clock=lambda: now[0])
+    server = ApiServer()
+    reviews = kubeauth.Reviews(server.post, ttl=10, clock=lambda: now[0])
     for _ in range(3):
         user = reviews.user(TEST_TOKEN)
         assert user is not None and user.username == "system:serviceaccount:test:puller"
         assert reviews.user(OTHER_TOKEN) is None
         assert reviews.allowed_namespaces(user, ["test", "other", "test"]) == {"test"}
-    assert authn.calls == 2  # one per token, the refusal cached too
-    assert sorted(authz.asked) == [
+    assert server.token_reviews == 2  # one per token, the refusal cached too
+    assert sorted(server.asked) == [
         ("system:serviceaccount:test:puller", "other", "get", "niximages"),
         ("system:serviceaccount:test:puller", "test", "get", "niximages"),
     ]
     now[0] = 11.0  # past the ttl: asked again
     reviews.user(TEST_TOKEN)
-    assert authn.calls == 3
+    assert server.token_reviews == 3

@@ -169,3 +169,17 @@ def test_on_demand_multiarch_names_serve_an_index(tmp_path: Path) -> None:
             skopeo("inspect", "--tls-verify=false", "--raw",
                    f"docker://{served.address}/multiarch/busybox@{index['manifests'][1]['digest']}")
         )  # fmt: skip
+
+
+def test_format_docker_makes_a_manifest_list(built: Built, registry: str) -> None:
+    listed = niximage_json(
+        "build", *PACKAGES, "--arch", "amd64,arm64", "--format", "docker",
+        "--storage", str(built.storage), "--tag", "team/jq:docker",
+    )  # fmt: skip
+    assert listed["mediaType"] == manifest.DOCKER_LIST
+    raw = json.loads(
+        skopeo("inspect", "--tls-verify=false", "--raw", f"docker://{registry}/team/jq:docker")
+    )
+    assert raw["mediaType"] == manifest.DOCKER_LIST
+    assert {m["mediaType"] for m in raw["manifests"]} == {manifest.DOCKER_MANIFEST}
+    assert [m["platform"].get("variant") for m in raw["manifests"]] == [None, "v8"]

@@ -2,14 +2,20 @@
 
 from __future__ import annotations
 
+import asyncio
+import threading
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
 
+from niximage_core import layout
+from niximage_core.digest import Digest
 from niximage_core.errors import InvalidInput
+from niximage_core.storage.filesystem import FilesystemStorage
 from niximage_registry import auth, paths, ranges
-from niximage_registry.content import TtlCache
-from niximage_registry.errors import RegistryError
+from niximage_registry.content import CacheSettings, Content, SingleFlight, TtlCache
+from niximage_registry.errors import Code, RegistryError
 
 HEX = "a" * 64
 
@@ -129,3 +135,67 @@ def test_users_from_file_and_secret_directory(tmp_path: Path) -> None:
     (tmp_path / "bad").write_text("no colon here\n")
     with pytest.raises(InvalidInput):
         auth.load_users(tmp_path / "bad")
+
+
+class CountingStorage(FilesystemStorage):
+    """Counts reads of tag keys, and holds each one until released."""
+
+    def __init__(self, root: Path) -> None:
+        super().__init__(root)
+        self.tag_reads = 0
+        self.release = threading.Event()
+
+    def read(self, key: str) -> bytes | None:
+        if key.startswith("tags/"):
+            self.tag_reads += 1
+            self.release.wait(10)
+        return super().read(key)
+
+
+def test_concurrent_lookups_of_a_tag_share_one_read_even_with_the_cache_off(
+    tmp_path: Path,
+) -> None:
+    """Manifests by tag under load: fifty lookups while one read is in flight make that
+    one read; a later lookup (cache off) reads again; a cancelled caller cancels nothing."""
+    storage = CountingStorage(tmp_path / "store")
+    digest = Digest.of(b"manifest")
+    storage.write(layout.tag_path("team/app", "1"), str(digest).encode())
+    storage.tag_reads = 0
+
+    async def scenario() -> None:
+        with ThreadPoolExecutor(4) as pool:
+            content = Content(storage, pool, CacheSettings(tag_ttl=0))
+            lookups = [asyncio.ensure_future(content.tag("team/app", "1")) for _ in range(50)]
+            await asyncio.sleep(0.1)
+            lookups[0].cancel()  # a client that went away
+            storage.release.set()
+            answers = await asyncio.gather(*lookups[1:])
+            assert answers == [digest] * 49
+            assert storage.tag_reads == 1
+            assert await content.tag("team/app", "1") == digest
+            assert storage.tag_reads == 2  # the cache is off: a new request reads again
+
+    asyncio.run(scenario())
+
+
+def test_a_failed_shared_read_fails_every_waiter_and_is_not_remembered() -> None:
+    flights: SingleFlight[str, int] = SingleFlight()
+    calls = 0
+
+    async def failing() -> int:
+        nonlocal calls
+        calls += 1
+        await asyncio.sleep(0.01)
+        raise RegistryError(Code.UNAVAILABLE, "storage is down")
+
+    async def scenario() -> None:
+        results = await asyncio.gather(
+            *(flights.run("k", failing) for _ in range(5)), return_exceptions=True
+        )
+        assert all(isinstance(r, RegistryError) for r in results) and calls == 1
+        assert len(flights) == 0
+        with pytest.raises(RegistryError):
+            await flights.run("k", failing)
+        assert calls == 2
+
+    asyncio.run(scenario())

@@ -3,12 +3,13 @@
 
     entries ─► tar bytes ─► sha256 (diffID) ─► compressor ─► sha256 (digest), byte count ─► sink
 
-Nothing of layer size is ever held in memory or on disk: tar bytes are assembled in one
-fixed block (``BLOCK_SIZE``); file contents are read straight into that block; each full
-block is hashed and compressed (both release the GIL on big buffers), and the compressed
-bytes go to the sink, e.g. a storage ``BlobWriter``. The caller then calls
-``sink.commit(packed.digest)``. ``pack_layers_parallel`` packs several layers at once, in
-worker processes (default) or threads, always writing to the sinks in this process.
+Nothing of layer size is ever held in memory or on disk: tar bytes are assembled in
+fixed blocks of one chunk (``BLOCK_SIZE``, 4 MiB); file contents are read straight into
+them; each full block is hashed, compressed in the process's compression threads as a
+gzip member or zstd frame of its own (a few per layer at once: one big store path uses
+every core), and the compressed bytes go, in order, to the sink, e.g. a storage
+``BlobWriter``. The caller then calls ``sink.commit(packed.digest)``. The builder packs
+several layers at once, in threads (``build.assemble``).
 
 The tar format, chosen so that the same files always give the same bytes:
 

@@ -12,11 +12,16 @@ import stat
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
-from niximage_builder.compression import Compression, make_compressor
+from niximage_builder.compression import Compression
 from niximage_builder.tarball.entries import Entry, PackError
 from niximage_builder.tarball.headers import RECORD, ZEROS, tar_header
 from niximage_builder.tarball.scanning import normalize, scan_paths
-from niximage_builder.tarball.streaming import LayerStream, PackedLayer, SupportsWrite
+from niximage_builder.tarball.streaming import (
+    LayerStream,
+    PackedLayer,
+    SupportsWrite,
+    compression_pool,
+)
 
 _OPEN_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK
 
@@ -54,7 +59,7 @@ def _copy_source(stream: LayerStream, entry: Entry) -> None:
 def _pack_sorted(
     entries: Iterable[Entry], sink: SupportsWrite, compression: Compression, level: int | None
 ) -> PackedLayer:
-    stream = LayerStream(sink, make_compressor(compression, level))
+    stream = LayerStream(sink, compression, level, compression_pool())
     for entry in entries:
         _write_entry(stream, entry)
     return stream.finish(compression)
@@ -85,7 +90,7 @@ def pack_paths(
 
 @dataclass(frozen=True)
 class LayerJob:
-    """One layer to pack by ``pack_layers_parallel``: store paths (or entries) and a sink."""
+    """One layer to pack: store paths (or entries) and a sink."""
 
     sink: SupportsWrite
     paths: Sequence[str] = ()

@@ -1,5 +1,12 @@
-"""The streaming pipeline of one layer: tar bytes → sha256 (diffID) → compressor → sha256
-(digest) and byte count → sink, in fixed blocks; plus what a packed layer is known by.
+"""The streaming pipeline of one layer: tar bytes → sha256 (diffID) → chunks compressed on
+every core → sha256 (digest) and byte count → sink, in order; plus what a packed layer is
+known by.
+
+One pass over the data: the tar bytes are hashed as each chunk fills, the compressed bytes
+as they leave for the sink. Chunks (``compression.CHUNK_SIZE`` of tar at fixed offsets)
+compress in a thread pool shared by every layer of the process, a few at a time per layer,
+so one big store path uses all cores and memory stays bounded (``PIPELINE_DEPTH`` chunks in
+flight per layer).
 
 Reads only the descriptors it is given and writes only to the sink; imports compression,
 digest, entries (for ``PackError``) and headers.
@@ -7,27 +14,34 @@ digest, entries (for ``PackError``) and headers.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
+import threading
+from collections import deque
+from concurrent.futures import Executor, Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Protocol
 
 from niximage_builder.compression import (
+    CHUNK_SIZE,
     DEFAULT_LEVELS,
     OCI_LAYER_MEDIA_TYPES,
     Compression,
-    Compressor,
+    compress_chunk,
 )
 from niximage_builder.tarball.entries import PackError
 from niximage_builder.tarball.headers import ZEROS
 from niximage_core.digest import Digest
 
-BLOCK_SIZE = 1 << 20
-"""Bytes hashed and compressed at a time. Big enough that the GIL is released for nearly all
-of the work, small enough that a few parallel layers stay far below 100 MB of memory."""
+BLOCK_SIZE = CHUNK_SIZE
+"""Tar bytes assembled, hashed and handed to the compressors at a time: one chunk."""
+PIPELINE_DEPTH = 4
+"""Chunks of one layer compressing at once at most (16 MiB of tar, and their output)."""
 
-FORMAT_VERSION = 1
-"""Bumped whenever the same files would give other tar bytes (order, modes, headers)."""
+FORMAT_VERSION = 2
+"""Bumped whenever the same files would give other bytes (order, modes, headers, chunks).
+2: compressed in chunks of ``CHUNK_SIZE``."""
 
 
 class SupportsWrite(Protocol):
@@ -58,7 +72,7 @@ class PackedLayer:
 def layer_format(compression: Compression, level: int | None = None) -> str:
     """What decides a layer's bytes besides its files, for the layer key
     (docs/architecture.md#identity-and-caching):
-    ``tar1+gzip-2``. The compression library's version is left out on purpose: a cached
+    ``tar2+gzip-2``. The compression library's version is left out on purpose: a cached
     layer stays valid (its metadata names its own digest) even if a newer library would
     compress the same tar to other bytes."""
     chosen = DEFAULT_LEVELS[compression] if level is None else level
@@ -68,20 +82,33 @@ def layer_format(compression: Compression, level: int | None = None) -> str:
 class LayerStream:
     """Tar bytes in, compressed bytes out to the sink; both sides hashed and counted.
 
-    Tar bytes fill one fixed block and go on only as whole blocks, so the compressed output
-    is a function of the tar bytes alone (not of file sizes or read sizes).
+    Tar bytes fill one chunk and go on only as whole chunks (the last one excepted), so the
+    compressed output is a function of the tar bytes alone: not of file sizes, read sizes
+    or threads. ``pool`` None compresses in this thread, with the same bytes.
     """
 
-    def __init__(self, sink: SupportsWrite, compressor: Compressor) -> None:
+    def __init__(
+        self,
+        sink: SupportsWrite,
+        compression: Compression,
+        level: int | None = None,
+        pool: Executor | None = None,
+    ) -> None:
         self._sink = sink
-        self._compressor = compressor
-        self._block = bytearray(BLOCK_SIZE)
-        self._view = memoryview(self._block)
-        self._pos = 0
+        self._compress = functools.partial(compress_chunk, compression, level)
+        self._pool = pool
+        self._pending: deque[Future[bytes]] = deque()
+        self._new_block()
         self._diff_id = hashlib.sha256()
         self._digest = hashlib.sha256()
         self.tar_size = 0
         self.size = 0
+
+    def _new_block(self) -> None:
+        # A fresh buffer per chunk: the full one is handed to a compressor, not copied.
+        self._block = bytearray(BLOCK_SIZE)
+        self._view = memoryview(self._block)
+        self._pos = 0
 
     def write(self, data: bytes) -> None:
         """Append small bytes (headers, padding, inline files)."""
@@ -92,7 +119,7 @@ class LayerStream:
             self._pos += take
             view = view[take:]
             if self._pos == BLOCK_SIZE:
-                self._emit(self._view)
+                self._emit()
 
     def copy_file(self, fd: int, size: int, path: str) -> None:
         """Read exactly ``size`` bytes of ``fd`` straight into the block, never more at once."""
@@ -105,13 +132,19 @@ class LayerStream:
             self._pos += got
             remaining -= got
             if self._pos == BLOCK_SIZE:
-                self._emit(self._view)
+                self._emit()
 
-    def _emit(self, block: memoryview) -> None:
-        self._diff_id.update(block)
-        self.tar_size += len(block)
-        self._output(self._compressor.compress(block))
-        self._pos = 0
+    def _emit(self) -> None:
+        chunk = self._view[: self._pos]
+        self._diff_id.update(chunk)
+        self.tar_size += len(chunk)
+        self._new_block()
+        if self._pool is None:
+            self._output(self._compress(chunk))
+            return
+        self._pending.append(self._pool.submit(self._compress, chunk))
+        while len(self._pending) > PIPELINE_DEPTH:
+            self._output(self._pending.popleft().result())
 
     def _output(self, data: bytes) -> None:
         if data:
@@ -120,11 +153,12 @@ class LayerStream:
             self._sink.write(data)
 
     def finish(self, compression: Compression) -> PackedLayer:
-        """End the archive, flush the compressor; the sink has every byte afterwards."""
+        """End the archive, compress the last chunk; the sink has every byte afterwards."""
         self.write(ZEROS)
         if self._pos:
-            self._emit(self._view[: self._pos])
-        self._output(self._compressor.flush())
+            self._emit()
+        while self._pending:
+            self._output(self._pending.popleft().result())
         return PackedLayer(
             diff_id=Digest(self._diff_id.hexdigest()),
             digest=Digest(self._digest.hexdigest()),
@@ -132,3 +166,19 @@ class LayerStream:
             tar_size=self.tar_size,
             compression=compression,
         )
+
+
+_pools: dict[int, ThreadPoolExecutor] = {}
+_pools_lock = threading.Lock()
+
+
+def compression_pool() -> ThreadPoolExecutor:
+    """The process's compression threads, one per core (``NIXIMAGE_PACK_THREADS`` to
+    choose); made on first use, and again in a forked child, which has no threads."""
+    with _pools_lock:
+        pool = _pools.get(os.getpid())
+        if pool is None:
+            threads = int(os.environ.get("NIXIMAGE_PACK_THREADS") or os.cpu_count() or 1)
+            pool = ThreadPoolExecutor(max(1, threads), thread_name_prefix="niximage-compress")
+            _pools[os.getpid()] = pool
+        return pool
