@@ -21,7 +21,7 @@ import threading
 from collections import deque
 from concurrent.futures import Executor, Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 from niximage_builder.compression import (
     CHUNK_SIZE,
@@ -48,6 +48,16 @@ class SupportsWrite(Protocol):
     """Where compressed layer bytes go: a storage ``BlobWriter``, a file, a test buffer."""
 
     def write(self, data: bytes, /) -> object: ...
+
+
+@runtime_checkable
+class HashingSink(Protocol):
+    """A sink that hashes what it is given (every storage ``BlobWriter``, to verify at
+    commit): the layer's digest is then its hash, and the bytes are hashed once."""
+
+    def write(self, data: bytes, /) -> object: ...
+
+    def digest(self) -> Digest: ...
 
 
 @dataclass(frozen=True)
@@ -100,7 +110,7 @@ class LayerStream:
         self._pending: deque[Future[bytes]] = deque()
         self._new_block()
         self._diff_id = hashlib.sha256()
-        self._digest = hashlib.sha256()
+        self._digest = None if isinstance(sink, HashingSink) else hashlib.sha256()
         self.tar_size = 0
         self.size = 0
 
@@ -148,7 +158,8 @@ class LayerStream:
 
     def _output(self, data: bytes) -> None:
         if data:
-            self._digest.update(data)
+            if self._digest is not None:
+                self._digest.update(data)
             self.size += len(data)
             self._sink.write(data)
 
@@ -159,9 +170,14 @@ class LayerStream:
             self._emit()
         while self._pending:
             self._output(self._pending.popleft().result())
+        if self._digest is None:
+            assert isinstance(self._sink, HashingSink)
+            digest = self._sink.digest()
+        else:
+            digest = Digest(self._digest.hexdigest())
         return PackedLayer(
             diff_id=Digest(self._diff_id.hexdigest()),
-            digest=Digest(self._digest.hexdigest()),
+            digest=digest,
             size=self.size,
             tar_size=self.tar_size,
             compression=compression,

@@ -72,6 +72,11 @@ class BlobWriter(Protocol):
 
     def write(self, data: bytes) -> None: ...
 
+    def digest(self) -> Digest:
+        """sha256 of the bytes written so far: the writer hashes them anyway, to verify at
+        commit, so a producer need not hash them a second time."""
+        ...
+
     def commit(self, expected: Digest) -> None:
         """Check the bytes written hash to ``expected``, then publish them atomically.
 

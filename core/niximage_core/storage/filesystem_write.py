@@ -17,7 +17,9 @@ import hashlib
 import logging
 import os
 import tempfile
+import threading
 from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 from niximage_core.digest import Digest
@@ -27,6 +29,26 @@ log = logging.getLogger(__name__)
 
 # Readable by a registry that runs as another user; mkstemp would leave 0600.
 _FILE_MODE = 0o644
+
+WRITEBACK_BYTES = 32 << 20
+"""Every this many bytes, a big file is made durable so far by a background ``fdatasync``,
+so that the fsync at publish finds little left: a layer of hundreds of MB reaches the disk
+while it is still being packed, not after it (330 MB here: 0.68 s of fsync at the end,
+0.02 s with this)."""
+
+_writeback: dict[int, ThreadPoolExecutor] = {}
+_writeback_lock = threading.Lock()
+
+
+def _writeback_pool() -> ThreadPoolExecutor:
+    """One thread per process (again in a forked child) for background ``fdatasync``."""
+    with _writeback_lock:
+        pool = _writeback.get(os.getpid())
+        if pool is None:
+            pool = ThreadPoolExecutor(1, thread_name_prefix="niximage-writeback")
+            _writeback[os.getpid()] = pool
+        return pool
+
 
 DIRECTORY_ATTEMPTS = 10
 """Times a writer makes a directory that concurrent deletes keep pruning, before failing:
@@ -44,12 +66,30 @@ class TempFile:
         self.path = Path(name)
         self._file = os.fdopen(fd, "wb")
         self._open = True  # until published or discarded
+        self._unsynced = 0
+        self._syncing: Future[None] | None = None
 
     def write(self, data: bytes) -> None:
         try:
             self._file.write(data)
+            self._unsynced += len(data)
+            if self._unsynced >= WRITEBACK_BYTES and (
+                self._syncing is None or self._syncing.done()
+            ):
+                self._sync_in_background()
         except OSError as exc:
             raise error("write", self.path, exc) from exc
+
+    def _sync_in_background(self) -> None:
+        self._wait_for_sync()  # done already: only its error, if any, is raised here
+        self._file.flush()
+        self._unsynced = 0
+        self._syncing = _writeback_pool().submit(os.fdatasync, self._file.fileno())
+
+    def _wait_for_sync(self) -> None:
+        if self._syncing is not None:
+            syncing, self._syncing = self._syncing, None
+            syncing.result()
 
     def publish(self, final: Path, make_parent: Callable[[], None] | None = None) -> None:
         """Make the content durable, then atomically rename it to ``final`` (durably too).
@@ -58,6 +98,7 @@ class TempFile:
         delete pruned it, empty, after the caller made it); without it, that is an error.
         """
         try:
+            self._wait_for_sync()
             self._file.flush()
             os.fchmod(self._file.fileno(), _FILE_MODE)
             os.fsync(self._file.fileno())
@@ -95,6 +136,8 @@ class TempFile:
         self._open = False
         # A full disk can fail the final flush; the file goes anyway.
         with contextlib.suppress(OSError):
+            self._wait_for_sync()  # never close the descriptor under a running fdatasync
+        with contextlib.suppress(OSError):
             self._file.close()
         try:
             self.path.unlink(missing_ok=True)
@@ -118,9 +161,12 @@ class FileBlobWriter:
         self._hash.update(data)
         self._size += len(data)
 
+    def digest(self) -> Digest:
+        return Digest(self._hash.hexdigest())
+
     def commit(self, expected: Digest) -> None:
         self._check_open()
-        actual = Digest(self._hash.hexdigest())
+        actual = self.digest()
         if actual != expected:
             self.discard()
             raise StorageError(

@@ -69,6 +69,9 @@ class GcsBlobWriter:
             pending, self._buffer = self._buffer, bytearray()
             self._send(pending)
 
+    def digest(self) -> Digest:
+        return Digest(self._hash.hexdigest())
+
     def commit(self, expected: Digest) -> None:
         self._check_open()
         actual = Digest(self._hash.hexdigest())
