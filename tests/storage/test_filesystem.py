@@ -269,3 +269,33 @@ def test_a_directory_pruned_while_mkdir_checks_it_is_made_again(
     monkeypatch.setattr(Path, "mkdir", mkdir)
     store.write("gc/leases/second", b"2")
     assert raced and store.read("gc/leases/second") == b"2"
+
+
+def test_a_big_blob_reaches_the_disk_while_it_is_written(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Background fdatasync every WRITEBACK_BYTES: the fsync at commit finds little left.
+    The blob is whole and verified as ever; its digest is the writer's own hash."""
+    synced: list[int] = []
+    real = os.fdatasync
+    monkeypatch.setattr(os, "fdatasync", lambda fd: (synced.append(fd), real(fd))[1])
+    store = FilesystemStorage(tmp_path / "store")
+    piece = bytes(range(256)) * 4096  # 1 MiB
+    count = 3 * filesystem_write.WRITEBACK_BYTES // len(piece) + 1
+    with store.blob_writer() as writer:
+        for _ in range(count):
+            writer.write(piece)
+        expected = Digest.of(piece * count)
+        assert writer.digest() == expected
+        writer.commit(expected)
+    assert len(synced) >= 2
+    with store.open_blob(expected) as stream:
+        assert Digest.of(stream.read()) == expected
+
+
+def test_a_discarded_big_blob_waits_for_its_background_sync(tmp_path: Path) -> None:
+    store = FilesystemStorage(tmp_path / "store")
+    with pytest.raises(RuntimeError), store.blob_writer() as writer:
+        writer.write(bytes(filesystem_write.WRITEBACK_BYTES + 1))
+        raise RuntimeError("the packer failed")
+    assert list((tmp_path / "store" / "tmp").iterdir()) == []
