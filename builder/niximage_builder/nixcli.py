@@ -176,6 +176,19 @@ def pin_source(
     return source
 
 
+HOST_SYSTEMS = {"x86_64": "x86_64-linux", "aarch64": "aarch64-linux"}
+
+
+def platform_args(system: str) -> tuple[str, ...]:
+    """Let Nix build for ``system`` when it is not this machine's: through qemu-user's
+    binfmt_misc handler where the node has one, or by substituting from a binary cache
+    (Nix refuses another system's derivations unless told it may run them; without a
+    handler the build then fails saying so)."""
+    if HOST_SYSTEMS.get(os.uname().machine) == system:
+        return ()
+    return ("--option", "extra-platforms", system)
+
+
 def realise(
     spec: ImageSpec, settings: NixSettings, cancel: threading.Event | None = None
 ) -> Realised:
@@ -204,6 +217,7 @@ def realise(
             "--argstr",
             "nixpkgsArchive",
             settings.nixpkgs_archive.rstrip("/"),
+            *platform_args(spec.system),
             *settings.extra_args,
         ],
         settings.timeout,

@@ -212,3 +212,11 @@ def test_git_source_pinned_to_a_revision(slow_set: Path, tmp_path: Path) -> None
     realised = nixcli.realise(spec, nixcli.NixSettings(timeout=120))
     names = sorted(root.split("/")[-1].split("-", 1)[1] for root in realised.roots)
     assert names == ["cacert", "iana-etc"]
+
+
+def test_another_systems_build_is_allowed_only_for_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A builder on amd64 may build the arm64 platform of an index (qemu-user, or a cache);
+    its own system needs no option."""
+    monkeypatch.setattr(os, "uname", lambda: os.uname_result(("Linux", "n", "6", "#1", "x86_64")))
+    assert nixcli.platform_args("x86_64-linux") == ()
+    assert nixcli.platform_args("aarch64-linux") == ("--option", "extra-platforms", "aarch64-linux")
