@@ -1,16 +1,17 @@
 #!/usr/bin/env bash
 # Runs every benchmark with its reference, on this machine, in one go. Figures are ratios
 # against the reference measured in the same run (the machine is shared and noisy).
-#   benchmarks/run.sh [layering|pack|cold|rebuild|registry|operator|restart]...
+#   benchmarks/run.sh [layering|update|pack|cold|rebuild|registry|operator|restart]...
 set -euo pipefail
 cd "$(dirname "$0")/.."
 selected=("$@")
-((${#selected[@]})) || selected=(layering pack cold rebuild registry operator restart)
+((${#selected[@]})) || selected=(layering update pack cold rebuild registry operator restart)
 
 for name in "${selected[@]}"; do
   echo "=== $name"
   case "$name" in
     layering) python3 benchmarks/layering.py ;;
+    update) python3 benchmarks/layering_update.py ;;
     pack)
       # An 800 MB closure: the offline set's big package raised to 800 MiB, plus python3.
       big=$(nix-build nix/testpkgs -A big --arg bigSizeMB 800 --no-out-link)
