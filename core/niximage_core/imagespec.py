@@ -26,7 +26,8 @@ from niximage_core.sources import PackageSource
 
 FORMAT_VERSION = 2
 """Bump when the builder's output for the same spec changes (layering, tar, manifest).
-2: layers compressed in chunks of 4 MiB of tar (``niximage_builder.compression``)."""
+2: layers compressed in chunks of 4 MiB of tar (``niximage_builder.compression``), and
+over the layer budget the small paths spread over up to 24 layers (``layering``)."""
 
 Arch = Literal["amd64", "arm64"]
 ManifestFormat = Literal["oci", "docker"]
