@@ -256,10 +256,9 @@ def build_image(
     options = options or BuildOptions()
     key = spec.build_key()
     started = time.monotonic()
-    if options.use_cache and spec.source.pinned:
-        cached = layout.cached_result(storage, key)
-        if cached is not None:
-            return cached.model_copy(update={"cached": True, "bytesUploaded": 0})
+    stored = _stored(storage, spec, options)
+    if stored is not None:
+        return stored
     # The lease lives until builds/<key> is written (released on any exit).
     with contextlib.ExitStack() as held:
         try:
@@ -269,14 +268,7 @@ def build_image(
             lease = held.enter_context(gc.Lease(storage, f"build {key}"))
             result, timings = assemble(spec, realised.graph, storage, options, progress, lease)
         except NixImageError as error:
-            failed = BuildResult(
-                buildKey=key,
-                spec=spec.model_dump(mode="json"),
-                ok=False,
-                error=BuildError.from_exception(error),
-                timings={"total": time.monotonic() - started},
-            )
-            _record(storage, key, failed)
+            _record_failure(storage, spec, error, started)
             raise
         timings = {**realised.timings, **timings, "total": time.monotonic() - started}
         result = result.model_copy(update={"timings": timings})
@@ -285,10 +277,30 @@ def build_image(
     return result
 
 
-def _record(storage: Storage, key: str, result: BuildResult) -> None:
-    """Best effort: a storage outage must not hide the original error."""
+def _stored(storage: Storage, target: BuildTarget, options: BuildOptions) -> BuildResult | None:
+    """The stored success of ``target``'s key, when the options and its source allow reuse."""
+    if not (options.use_cache and target.source.pinned):
+        return None
+    cached = layout.cached_result(storage, target.build_key())
+    if cached is None:
+        return None
+    return cached.model_copy(update={"cached": True, "bytesUploaded": 0})
+
+
+def _record_failure(
+    storage: Storage, target: BuildTarget, error: NixImageError, started: float
+) -> None:
+    """Record the error in ``builds/<key>`` for the operator, best effort: a storage outage
+    must not hide the original error."""
+    failed = BuildResult(
+        buildKey=target.build_key(),
+        spec=spec_document(target),
+        ok=False,
+        error=BuildError.from_exception(error),
+        timings={"total": time.monotonic() - started},
+    )
     with contextlib.suppress(NixImageError):
-        storage.write(layout.build_key_path(key), result.to_json())
+        storage.write(layout.build_key_path(failed.buildKey), failed.to_json())
 
 
 def build_index(
@@ -305,10 +317,9 @@ def build_index(
     options = options or BuildOptions()
     key = index.build_key()
     started = time.monotonic()
-    if options.use_cache and index.source.pinned:
-        cached = layout.cached_result(storage, key)
-        if cached is not None:
-            return cached.model_copy(update={"cached": True, "bytesUploaded": 0})
+    stored = _stored(storage, index, options)
+    if stored is not None:
+        return stored
     say = progress or (lambda _message: None)
     images: list[BuildResult] = []
     try:
@@ -323,14 +334,7 @@ def build_index(
             storage.write(layout.build_key_path(key), result.to_json())
             gc.checkpoint("build.recorded", key=key)
     except NixImageError as error:
-        failed = BuildResult(
-            buildKey=key,
-            spec=spec_document(index),
-            ok=False,
-            error=BuildError.from_exception(error),
-            timings={"total": time.monotonic() - started},
-        )
-        _record(storage, key, failed)
+        _record_failure(storage, index, error, started)
         raise
     return result
 
