@@ -122,6 +122,8 @@ class GitSource(_Source):
 
 
 PackageSource = Annotated[PathSource | NixpkgsSource | GitSource, Field(discriminator="type")]
+
+
 @functools.cache
 def _adapter() -> TypeAdapter[PathSource | NixpkgsSource | GitSource]:
     """Built on first use, like the models (``defer_build``)."""

@@ -17,7 +17,6 @@ from __future__ import annotations
 import functools
 import hashlib
 import os
-import threading
 from collections import deque
 from concurrent.futures import Executor, Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -33,6 +32,7 @@ from niximage_builder.compression import (
 from niximage_builder.tarball.entries import PackError
 from niximage_builder.tarball.headers import ZEROS
 from niximage_core.digest import Digest
+from niximage_core.threads import process_pool
 
 BLOCK_SIZE = CHUNK_SIZE
 """Tar bytes assembled, hashed and handed to the compressors at a time: one chunk."""
@@ -184,17 +184,8 @@ class LayerStream:
         )
 
 
-_pools: dict[int, ThreadPoolExecutor] = {}
-_pools_lock = threading.Lock()
-
-
 def compression_pool() -> ThreadPoolExecutor:
     """The process's compression threads, one per core (``NIXIMAGE_PACK_THREADS`` to
-    choose); made on first use, and again in a forked child, which has no threads."""
-    with _pools_lock:
-        pool = _pools.get(os.getpid())
-        if pool is None:
-            threads = int(os.environ.get("NIXIMAGE_PACK_THREADS") or os.cpu_count() or 1)
-            pool = ThreadPoolExecutor(max(1, threads), thread_name_prefix="niximage-compress")
-            _pools[os.getpid()] = pool
-        return pool
+    choose)."""
+    threads = int(os.environ.get("NIXIMAGE_PACK_THREADS") or os.cpu_count() or 1)
+    return process_pool("niximage-compress", threads)

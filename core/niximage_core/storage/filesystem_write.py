@@ -7,7 +7,7 @@ stray file in ``tmp/`` (``FilesystemStorage.purge_stale_uploads``). A delete pru
 directories it empties, so the target's directory may vanish before the rename: it is made
 again (the caller's ``make_parent``) and the rename retried.
 
-Imports digest and errors.
+Imports digest, errors and threads.
 """
 
 from __future__ import annotations
@@ -17,13 +17,13 @@ import hashlib
 import logging
 import os
 import tempfile
-import threading
 from collections.abc import Callable
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
 from pathlib import Path
 
 from niximage_core.digest import Digest
 from niximage_core.errors import StorageError
+from niximage_core.threads import process_pool
 
 log = logging.getLogger(__name__)
 
@@ -35,20 +35,6 @@ WRITEBACK_BYTES = 32 << 20
 so that the fsync at publish finds little left: a layer of hundreds of MB reaches the disk
 while it is still being packed, not after it (330 MB here: 0.68 s of fsync at the end,
 0.02 s with this)."""
-
-_writeback: dict[int, ThreadPoolExecutor] = {}
-_writeback_lock = threading.Lock()
-
-
-def _writeback_pool() -> ThreadPoolExecutor:
-    """One thread per process (again in a forked child) for background ``fdatasync``."""
-    with _writeback_lock:
-        pool = _writeback.get(os.getpid())
-        if pool is None:
-            pool = ThreadPoolExecutor(1, thread_name_prefix="niximage-writeback")
-            _writeback[os.getpid()] = pool
-        return pool
-
 
 DIRECTORY_ATTEMPTS = 10
 """Times a writer makes a directory that concurrent deletes keep pruning, before failing:
@@ -84,7 +70,9 @@ class TempFile:
         self._wait_for_sync()  # done already: only its error, if any, is raised here
         self._file.flush()
         self._unsynced = 0
-        self._syncing = _writeback_pool().submit(os.fdatasync, self._file.fileno())
+        self._syncing = process_pool("niximage-writeback", 1).submit(
+            os.fdatasync, self._file.fileno()
+        )
 
     def _wait_for_sync(self) -> None:
         if self._syncing is not None:
