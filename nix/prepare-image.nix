@@ -72,4 +72,14 @@ in
   contents =
     if missing != [ ] then throw "niximage-not-found:${builtins.toJSON missing}"
     else map (r: r.value) resolved;
+  # What `nix-build -A contents` would realise, without realising it (`nix-instantiate
+  # --eval --strict --json -A outputs`): each package's store path and the derivation
+  # output that makes it, so a builder can take the paths from a binary cache instead.
+  outputs =
+    if missing != [ ] then throw "niximage-not-found:${builtins.toJSON missing}"
+    else map (r: {
+      path = r.value.outPath;
+      drvPath = r.value.drvPath;
+      output = r.value.outputName or "out";
+    }) resolved;
 }

@@ -24,8 +24,9 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
-from niximage_builder import layering, nixcli, tarball, toplayer
+from niximage_builder import layering, nixcli, sourcing, tarball, toplayer
 from niximage_builder.closure import ClosureGraph
+from niximage_builder.contents import Contents, LocalStore
 from niximage_builder.popularity import Popularity
 from niximage_core import gc, layout, manifest
 from niximage_core.digest import Digest
@@ -67,36 +68,58 @@ def layer_key(paths: Sequence[str], compression: str) -> str:
 class _Packer:
     """Packs (or reuses) one layer at a time; safe to call from several threads."""
 
-    def __init__(self, storage: Storage, spec: ImageSpec, lease: gc.Lease | None = None) -> None:
+    def __init__(
+        self,
+        storage: Storage,
+        spec: ImageSpec,
+        lease: gc.Lease | None = None,
+        contents: Contents | None = None,
+    ) -> None:
         self.storage = storage
         self.compression = spec.compression
         self.lease = lease
+        self.contents = contents or LocalStore()
         self.uploaded = 0
+        self.shell: list[str] | None = None
+        """The top layer's ``Cmd`` once ``shell_known``: recorded with the top layer, so a
+        reused top layer needs no look at the roots' files."""
+        self.shell_known = False
         self._lock = threading.Lock()
 
     def layer(self, paths: Sequence[str], nar_size: int, key_paths: Sequence[str]) -> LayerResult:
         key = check_key(f"layers/{layer_key(key_paths, self.compression)}")
         known = self._known(key)
         if known is not None:
-            return LayerResult(**known, narSize=nar_size, paths=list(paths), reused=True)
+            if paths == [TOP_LAYER] and "cmd" in known:
+                self.shell, self.shell_known = known["cmd"], True  # type: ignore[assignment]
+            return LayerResult(
+                **_layer_fields(known), narSize=nar_size, paths=list(paths), reused=True
+            )
         return self.pack(paths, nar_size, key_paths)
 
     def pack(self, paths: Sequence[str], nar_size: int, key_paths: Sequence[str]) -> LayerResult:
         """Pack and upload the layer, whatever ``layers/`` says."""
         key = check_key(f"layers/{layer_key(key_paths, self.compression)}")
+        meta: dict[str, object] = {}
         with self.storage.blob_writer() as writer:
             if paths == [TOP_LAYER]:
-                packed = toplayer.pack_top_layer(key_paths, writer, self.compression)
+                listing = self.contents.listing
+                packed = toplayer.pack_top_layer(key_paths, writer, self.compression, None, listing)
+                self.shell = toplayer.shell_command(key_paths, listing)
+                meta["cmd"], self.shell_known = self.shell, True
             else:
-                packed = tarball.pack_paths(paths, writer, self.compression)
+                entries = self.contents.entries(paths)
+                packed = tarball.pack_normalized(entries, writer, self.compression)
             writer.commit(packed.digest)
+        if paths != [TOP_LAYER]:
+            self.contents.release(paths)
         self._depend(packed.digest)
         gc.checkpoint("build.packed", digest=packed.digest)
         with self._lock:
             self.uploaded += packed.size
-        meta = {"digest": str(packed.digest), "diffId": str(packed.diff_id), "size": packed.size}
+        meta.update(digest=str(packed.digest), diffId=str(packed.diff_id), size=packed.size)
         self.storage.write(key, json.dumps(meta, sort_keys=True).encode())
-        return LayerResult(**meta, narSize=nar_size, paths=list(paths), reused=False)
+        return LayerResult(**_layer_fields(meta), narSize=nar_size, paths=list(paths), reused=False)
 
     def _known(self, key: str) -> dict[str, object] | None:
         raw = self.storage.read(key)
@@ -113,19 +136,19 @@ class _Packer:
         gc.checkpoint("build.reuse", digest=digest)
         if gc.touch_blob(self.storage, digest) != meta.get("size"):
             return None  # the blob was garbage-collected or never completed: rebuild it
-        return {"digest": meta["digest"], "diffId": meta["diffId"], "size": meta["size"]}
+        cmd = meta.get("cmd", False)
+        if not (cmd is None or (isinstance(cmd, list) and all(isinstance(c, str) for c in cmd))):
+            meta.pop("cmd", None)  # not ours (or from before it was recorded): look again
+        return meta
 
     def _depend(self, digest: Digest) -> None:
         if self.lease is not None:
             self.lease.add(digest)
 
 
-def shell_command(roots: Sequence[str]) -> list[str] | None:
-    """``Cmd``: bash when the image has it, else sh, else none (the README's "Top layer")."""
-    for shell in ("bash", "sh"):
-        if any(os.path.exists(os.path.join(root, "bin", shell)) for root in roots):
-            return [shell]
-    return None
+def _layer_fields(meta: dict[str, object]) -> dict[str, object]:
+    """What a ``LayerResult`` takes from a ``layers/`` record."""
+    return {"digest": meta["digest"], "diffId": meta["diffId"], "size": meta["size"]}
 
 
 def assemble(
@@ -135,6 +158,7 @@ def assemble(
     options: BuildOptions,
     progress: Progress | None = None,
     lease: gc.Lease | None = None,
+    contents: Contents | None = None,
 ) -> tuple[BuildResult, dict[str, float]]:
     """Layers, tarballs, config and manifest for a realised closure.
 
@@ -148,7 +172,7 @@ def assemble(
     timings["layering"] = time.monotonic() - started
     say(f"{len(graph.nodes)} store paths in {len(planned)} layers (+ top layer)")
 
-    packer = _Packer(storage, spec, lease)
+    packer = _Packer(storage, spec, lease, contents)
     started = time.monotonic()
     jobs = [(list(layer.paths), layer.size, list(layer.paths)) for layer in planned]
     jobs.append(([TOP_LAYER], 0, list(graph.roots)))
@@ -172,7 +196,10 @@ def assemble(
         )
         for layer in layers
     ]
-    config = manifest.image_config(spec, descriptors, shell_command(graph.roots))
+    shell = packer.shell
+    if not packer.shell_known:  # a top layer recorded before its Cmd was
+        shell = toplayer.shell_command(graph.roots, packer.contents.listing)
+    config = manifest.image_config(spec, descriptors, shell)
     image = manifest.image_manifest(spec, config, descriptors)
     if lease is not None:
         lease.add(config.digest, image.digest)
@@ -264,14 +291,25 @@ def build_image(
         try:
             manifest.layer_media_type(spec)
             (progress or (lambda _m: None))(f"realising {len(spec.packages)} packages with Nix")
-            realised = nixcli.realise(spec, nix, cancel)
+            obtained = held.enter_context(sourcing.obtain(spec, nix, cancel))
             lease = held.enter_context(gc.Lease(storage, f"build {key}"))
-            result, timings = assemble(spec, realised.graph, storage, options, progress, lease)
+            result, timings = assemble(
+                spec, obtained.graph, storage, options, progress, lease, obtained.contents
+            )
         except NixImageError as error:
             _record_failure(storage, spec, error, started)
             raise
-        timings = {**realised.timings, **timings, "total": time.monotonic() - started}
-        result = result.model_copy(update={"timings": timings})
+        timings = {**obtained.timings, **timings, "total": time.monotonic() - started}
+        fetched = obtained.downloads
+        result = result.model_copy(
+            update={
+                "timings": timings,
+                "derivationsBuilt": obtained.derivations_built,
+                "narsDownloaded": fetched.nars if fetched else 0,
+                "narBytesDownloaded": fetched.nar_bytes if fetched else 0,
+                "bytesDownloaded": fetched.file_bytes if fetched else 0,
+            }
+        )
         storage.write(layout.build_key_path(key), result.to_json())
         gc.checkpoint("build.recorded", key=key)
     return result

@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from niximage_builder import build, export, layering, nixcli, plan, popularity
+from niximage_builder import build, export, layering, nixcli, plan, popularity, sourcing
 from niximage_core import imagespec, layout, reference, resource, sources
 from niximage_core.errors import InvalidInput, NixImageError
 from niximage_core.result import BuildError, BuildResult
@@ -45,6 +45,53 @@ def _add_spec_arguments(parser: argparse.ArgumentParser) -> None:
         "(--arch amd64,arm64, or the flag again): one image index of them",
     )
     parser.add_argument("--timeout", type=float, default=3600.0, help="Nix wall-clock limit, s")
+    add_cache_arguments(parser)
+
+
+def add_cache_arguments(parser: argparse.ArgumentParser) -> None:
+    """Binary cache flags: what builds substitute from (also ``niximage serve``'s)."""
+    group = parser.add_argument_group("binary caches")
+    group.add_argument(
+        "--substituter",
+        action="append",
+        default=[],
+        metavar="URL",
+        help="a binary cache (http(s):// or file://), again for more: the closure is read "
+        "from their narinfo and new layers are packed from their NARs, with no store write",
+    )
+    group.add_argument(
+        "--trusted-public-key",
+        action="append",
+        default=[],
+        metavar="NAME:KEY",
+        help="a key the caches' paths must be signed with (nix-store "
+        "--generate-binary-cache-key writes one), again for more",
+    )
+    group.add_argument("--netrc-file", metavar="FILE", help="credentials for the caches")
+
+
+def nix_settings(args: argparse.Namespace, timeout: float) -> nixcli.NixSettings:
+    """Nix settings from the command line's flags (the caches checked here, before Nix)."""
+    if not args.substituter and not args.trusted_public_key:
+        return nixcli.NixSettings(timeout=timeout)
+    # Only now: the HTTP client and the signature check cost start-up time.
+    from niximage_builder.binarycache.fetch import check_url
+    from niximage_builder.binarycache.narinfo import TrustedKeys
+
+    substituters = tuple(check_url(url) for url in args.substituter)
+    if args.trusted_public_key and not substituters:
+        raise InvalidInput("--trusted-public-key needs a --substituter")
+    if substituters and not args.trusted_public_key:
+        raise InvalidInput(
+            "--substituter needs a --trusted-public-key: paths are taken only when signed"
+        )
+    TrustedKeys.parse(args.trusted_public_key)
+    return nixcli.NixSettings(
+        timeout=timeout,
+        substituters=substituters,
+        trusted_public_keys=tuple(args.trusted_public_key),
+        netrc_file=args.netrc_file,
+    )
 
 
 def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -99,10 +146,10 @@ def architectures(flags: list[str] | None) -> list[str]:
 
 
 def run_plan(args: argparse.Namespace) -> int:
-    settings = nixcli.NixSettings(timeout=args.timeout)
+    settings = nix_settings(args, args.timeout)
     spec = spec_from_args(args, settings)
-    realised = nixcli.realise(spec, settings)
-    doc = plan.plan_document(spec, realised.graph)
+    with sourcing.obtain(spec, settings) as obtained:  # with caches: nothing downloaded
+        doc = plan.plan_document(spec, obtained.graph)
     print(json.dumps(doc, indent=2) if args.json else plan.plan_table(doc))
     return 0
 
@@ -149,7 +196,7 @@ def _build_target(
 
 
 def run_build(args: argparse.Namespace) -> int:
-    settings = nixcli.NixSettings(timeout=args.timeout)
+    settings = nix_settings(args, args.timeout)
     spec, tag = _build_target(args, settings)
     options = build.BuildOptions(
         budget=args.budget,

@@ -16,6 +16,7 @@ import signal
 import subprocess
 import threading
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -66,6 +67,26 @@ class NixSettings:
     )
     """Where ``nixpkgs:`` sources are fetched: ``<archive>/<channel or commit>.tar.gz``.
     A mirror serves the same bytes, so it is not part of the build key."""
+    substituters: tuple[str, ...] = ()
+    """Binary caches (http(s):// or file:// URLs). When given, the builder reads the
+    closure from their narinfo and packs new layers from their NARs (``sourcing``), and Nix
+    substitutes from these and no others. Empty: Nix's own configuration decides."""
+    trusted_public_keys: tuple[str, ...] = ()
+    """``name:base64`` keys; a cache's path must be signed by one of them."""
+    netrc_file: str | None = None
+    """Credentials for the caches, as Nix's ``netrc-file``."""
+
+    def substituter_args(self) -> tuple[str, ...]:
+        """Nix options that make it use exactly these caches (none when none are set)."""
+        if not self.substituters:
+            return ()
+        args = [
+            "--option", "substituters", " ".join(self.substituters),
+            "--option", "trusted-public-keys", " ".join(self.trusted_public_keys),
+        ]  # fmt: skip
+        if self.netrc_file:
+            args += ["--option", "netrc-file", self.netrc_file]
+        return tuple(args)
 
 
 @dataclass(frozen=True)
@@ -73,6 +94,33 @@ class Realised:
     roots: tuple[str, ...]
     graph: closure.ClosureGraph
     timings: dict[str, float]
+    derivations_built: int = 0
+    """Derivations Nix built from source (not substituted) for this image."""
+
+
+@dataclass(frozen=True)
+class Output:
+    """One requested package as evaluation gives it, before anything is realised."""
+
+    path: str
+    drv_path: str
+    output: str
+
+    @property
+    def installable(self) -> str:
+        """What ``nix-store --realise`` takes to make just this output."""
+        return f"{self.drv_path}!{self.output}"
+
+
+_TO_BUILD = re.compile(r"these (\d+) derivations will be built|(this derivation will be built)")
+
+
+def derivations_built(stderr: str) -> int:
+    """How many derivations Nix says it will build (not substitute). Pure."""
+    found = _TO_BUILD.search(stderr)
+    if found is None:
+        return 0
+    return 1 if found.group(2) else int(found.group(1))
 
 
 def run_nix(
@@ -189,37 +237,33 @@ def platform_args(system: str) -> tuple[str, ...]:
     return ("--option", "extra-platforms", system)
 
 
+def _image_args(spec: ImageSpec, settings: NixSettings) -> list[str]:
+    """prepare-image.nix and its arguments for ``spec`` (the file first)."""
+    src_type, src_args = source_args(spec.source)
+    arguments = {
+        "packages": json.dumps(list(spec.packages)),
+        "system": spec.system,
+        "srcType": src_type,
+        "srcArgs": src_args,
+        "nixpkgsArchive": settings.nixpkgs_archive.rstrip("/"),
+    }
+    return [
+        str(settings.nix_dir / "prepare-image.nix"),
+        *(arg for name, value in arguments.items() for arg in ("--argstr", name, value)),
+        *platform_args(spec.system),
+        *settings.substituter_args(),
+        *settings.extra_args,
+    ]
+
+
 def realise(
     spec: ImageSpec, settings: NixSettings, cancel: threading.Event | None = None
 ) -> Realised:
     """Build the spec's packages and read their runtime closure graph."""
-    src_type, src_args = source_args(spec.source)
     started = time.monotonic()
-    stdout, _ = run_nix(
-        [
-            "nix-build",
-            str(settings.nix_dir / "prepare-image.nix"),
-            "-A",
-            "contents",
-            "--no-out-link",
-            "--argstr",
-            "packages",
-            json.dumps(list(spec.packages)),
-            "--argstr",
-            "system",
-            spec.system,
-            "--argstr",
-            "srcType",
-            src_type,
-            "--argstr",
-            "srcArgs",
-            src_args,
-            "--argstr",
-            "nixpkgsArchive",
-            settings.nixpkgs_archive.rstrip("/"),
-            *platform_args(spec.system),
-            *settings.extra_args,
-        ],
+    image = _image_args(spec, settings)
+    stdout, stderr = run_nix(
+        ["nix-build", *image[:1], "-A", "contents", "--no-out-link", *image[1:]],
         settings.timeout,
         cancel,
     )
@@ -227,8 +271,63 @@ def realise(
     roots = tuple(sorted({line.strip() for line in stdout.splitlines() if line.strip()}))
     graph = closure_graph(roots, settings, cancel)
     return Realised(
-        roots, graph, {"nixBuild": built - started, "closure": time.monotonic() - built}
+        roots,
+        graph,
+        {"nixBuild": built - started, "closure": time.monotonic() - built},
+        derivations_built(stderr),
     )
+
+
+def evaluate(
+    spec: ImageSpec, settings: NixSettings, cancel: threading.Event | None = None
+) -> list[Output]:
+    """The spec's packages' store paths and derivations, without building anything."""
+    image = _image_args(spec, settings)
+    stdout, _ = run_nix(
+        # --read-write-mode: --eval alone is read-only, so a package set not yet in the
+        # store (an empty builder) would not be copied in and its paths "are not valid".
+        ["nix-instantiate", "--eval", "--strict", "--json", "--read-write-mode", *image[:1],
+         "-A", "outputs", *image[1:]],
+        settings.timeout,
+        cancel,
+    )  # fmt: skip
+    try:
+        found = json.loads(stdout)
+        return [Output(str(o["path"]), str(o["drvPath"]), str(o["output"])) for o in found]
+    except (ValueError, KeyError, TypeError) as exc:
+        why = f"prepare-image.nix gave unexpected outputs: {stdout[:200]}"
+        raise NixFailure("EvalError", why) from exc
+
+
+def invalid_paths(
+    paths: Sequence[str], settings: NixSettings, cancel: threading.Event | None = None
+) -> set[str]:
+    """Those of ``paths`` that this machine's store does not hold (as valid paths)."""
+    if not paths:
+        return set()
+    stdout, _ = run_nix(
+        ["nix-store", "--check-validity", "--print-invalid", *paths], settings.timeout, cancel
+    )
+    return {line.strip() for line in stdout.splitlines() if line.strip()}
+
+
+def realise_outputs(
+    outputs: Sequence[Output],
+    system: str,
+    settings: NixSettings,
+    cancel: threading.Event | None = None,
+) -> int:
+    """Let Nix make these outputs (substituting what its caches have, building the rest);
+    returns the number of derivations it built."""
+    if not outputs:
+        return 0
+    _, stderr = run_nix(
+        ["nix-store", "--realise", *(o.installable for o in outputs), *platform_args(system),
+         *settings.substituter_args(), *settings.extra_args],
+        settings.timeout,
+        cancel,
+    )  # fmt: skip
+    return derivations_built(stderr)
 
 
 def closure_graph(

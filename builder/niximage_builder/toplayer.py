@@ -27,8 +27,7 @@ lower layers, which is where the forest's links point.
 from __future__ import annotations
 
 import os
-import stat
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from niximage_builder.compression import Compression
 from niximage_builder.tarball import (
@@ -38,6 +37,7 @@ from niximage_builder.tarball import (
     SupportsWrite,
     normalize,
     pack_entries,
+    scan_paths,
 )
 
 DIR_MODE = 0o755
@@ -55,23 +55,32 @@ def _roots_in_order(roots: Sequence[str]) -> list[str]:
     return list(seen)
 
 
-def _merge_root(root: str, forest: dict[str, Entry]) -> None:
-    """Add one root's tree to the forest; names already taken are left alone."""
-    pending = [(root, "")]
-    while pending:
-        directory, prefix = pending.pop()
-        with os.scandir(directory) as listing:
-            children = sorted(listing, key=lambda child: child.name)
-        for child in children:
-            name = f"{prefix}/{child.name}" if prefix else child.name
-            known = forest.get(name)
-            if child.is_dir(follow_symlinks=False):
-                if known is None:
-                    forest[name] = Entry.directory(name, DIR_MODE)
-                if forest[name].kind == "dir":
-                    pending.append((child.path, name))
-            elif known is None:
-                forest[name] = Entry.symlink(name, child.path)
+Listing = Callable[[str], Sequence[Entry]]
+"""A root store path → its entries (the root's own first, names without the leading
+slash): ``local_listing`` scans the store; a binary cache lists the root's NAR."""
+
+
+def local_listing(root: str) -> list[Entry]:
+    """The entries of ``root`` in this machine's store."""
+    own = root.lstrip("/")
+    return [e for e in scan_paths([root]) if e.name == own or e.name.startswith(own + "/")]
+
+
+def _merge_root(root: str, entries: Sequence[Entry], forest: dict[str, Entry]) -> None:
+    """Add one root's tree to the forest; names already taken are left alone, and a name
+    below one that is not a directory in the forest is dropped with it."""
+    prefix = root.lstrip("/") + "/"
+    for entry in sorted(entries, key=lambda e: os.fsencode(e.name)):  # parents first
+        if not entry.name.startswith(prefix):
+            continue  # the root itself
+        name = entry.name[len(prefix) :]
+        parent = name.rpartition("/")[0]
+        if parent and (parent not in forest or forest[parent].kind != "dir"):
+            continue  # under a name another root took, or under a dropped subtree
+        if entry.kind == "dir":
+            forest.setdefault(name, Entry.directory(name, DIR_MODE))
+        else:
+            forest.setdefault(name, Entry.symlink(name, "/" + entry.name))
 
 
 def _add_env_link(forest: dict[str, Entry]) -> None:
@@ -83,18 +92,30 @@ def _add_env_link(forest: dict[str, Entry]) -> None:
     forest.setdefault(ENV_LINK.name, ENV_LINK)
 
 
-def forest_entries(roots: Sequence[str]) -> list[Entry]:
+def forest_entries(roots: Sequence[str], listing: Listing = local_listing) -> list[Entry]:
     """The top layer's entries for these roots, sorted (see the module doc for the rules)."""
     forest: dict[str, Entry] = {TMP.name: TMP}
     for root in _roots_in_order(roots):
         try:
-            if not stat.S_ISDIR(os.lstat(root).st_mode):
-                continue  # a single file or a symlink: nothing to merge
-            _merge_root(root, forest)
+            entries = listing(root)
         except OSError as err:
             raise PackError(f"{err.filename or root}: {err.strerror}") from err
+        own = root.lstrip("/")
+        if any(e.name == own and e.kind == "dir" for e in entries):
+            _merge_root(root, entries, forest)
+        # else a single file or a symlink: nothing to merge
     _add_env_link(forest)
     return normalize(forest.values())
+
+
+def shell_command(roots: Sequence[str], listing: Listing = local_listing) -> list[str] | None:
+    """``Cmd``: bash when a root has ``bin/bash``, else sh, else none (the README's "Top
+    layer")."""
+    names = {e.name for root in roots for e in listing(root)}
+    for shell in ("bash", "sh"):
+        if any(f"{root.lstrip('/')}/bin/{shell}" in names for root in roots):
+            return [shell]
+    return None
 
 
 def pack_top_layer(
@@ -102,6 +123,7 @@ def pack_top_layer(
     sink: SupportsWrite,
     compression: Compression = "gzip",
     level: int | None = None,
+    listing: Listing = local_listing,
 ) -> PackedLayer:
     """Pack the symlink forest of ``roots`` into ``sink``; the caller commits the digest."""
-    return pack_entries(forest_entries(roots), sink, compression, level)
+    return pack_entries(forest_entries(roots, listing), sink, compression, level)

@@ -45,6 +45,7 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
         from niximage_registry import command as serve_command
 
         serve_command.add_arguments(serve_parser)
+        builder_commands.add_cache_arguments(serve_parser)  # for --on-demand builds
         serve_parser.set_defaults(run=_serve)
 
     operator_parser = commands.add_parser("operator", help=OPERATOR_HELP)

@@ -11,7 +11,7 @@ import argparse
 import threading
 
 from niximage_builder import build, nixcli
-from niximage_builder.commands import default_package_source
+from niximage_builder.commands import default_package_source, nix_settings
 from niximage_core import sources
 from niximage_core.imagespec import BuildTarget
 from niximage_core.result import BuildResult
@@ -20,7 +20,7 @@ from niximage_registry.command import OnDemandBuilds
 
 
 def on_demand_builds(args: argparse.Namespace) -> OnDemandBuilds:
-    nix = nixcli.NixSettings(timeout=args.build_timeout)
+    nix = nix_settings(args, args.build_timeout)
     text = args.package_source or default_package_source()
     # Pinned once: every on-demand image of this process has the same source.
     source = nixcli.pin_source(sources.parse_source(text), nix)

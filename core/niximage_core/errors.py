@@ -42,6 +42,17 @@ class NixFailure(NixImageError):
         super().__init__(message)
 
 
+class SubstituteError(NixImageError):
+    """A binary cache could not give a store path as promised. ``kind``: CacheUnreachable
+    (transient), UntrustedPath (no trusted signature, or one that does not match),
+    CorruptCache (a malformed narinfo, or a NAR whose size or hash is not the narinfo's)."""
+
+    def __init__(self, kind: str, message: str, transient: bool = False) -> None:
+        self.kind = kind
+        self.transient = transient
+        super().__init__(message)
+
+
 class NixTimeout(NixImageError):
     """Nix did not finish within the wall-clock limit; its process group was killed."""
 

@@ -84,6 +84,14 @@ class BuildResult(BaseModel):
     """Compressed bytes of config and layers: what a client downloads."""
     layers: list[LayerResult] = Field(default_factory=list)
     bytesUploaded: int = 0
+    derivationsBuilt: int = 0
+    """Derivations Nix built from source for this build (not substituted from a cache)."""
+    narsDownloaded: int = 0
+    """Store paths packed straight from a binary cache's NAR (no store write)."""
+    narBytesDownloaded: int = 0
+    """Their NARs' bytes, uncompressed."""
+    bytesDownloaded: int = 0
+    """Their bytes as the caches served them (compressed)."""
     timings: dict[str, float] = Field(default_factory=dict)
     """Seconds per phase: nixBuild, closure, layering, packing, manifest, total."""
     platforms: list[PlatformResult] = Field(default_factory=list)

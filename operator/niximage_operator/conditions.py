@@ -99,6 +99,8 @@ def ready(
     what = f"{len(result.layers)} layers, {size}"
     if result.platforms:
         what = f"an index of {', '.join(p.architecture for p in result.platforms)}; {what}"
+    if result.derivationsBuilt:
+        how += f", {result.derivationsBuilt} derivations built from source"
     message = f"{image} is {digest} ({what}; {how})"
     ready_condition, building = _pair(True, "Succeeded", message, building=False)
     fields: dict[str, Any] = {
@@ -117,6 +119,12 @@ def ready(
         or None,
         "size": result.imageSize,
         "layers": layer_summary(result),
+        "nix": {
+            "derivationsBuilt": result.derivationsBuilt,
+            "narsDownloaded": result.narsDownloaded,
+            "narBytesDownloaded": result.narBytesDownloaded,
+            "bytesDownloaded": result.bytesDownloaded,
+        },
         "buildTimes": build_times(result, pod),
         "missingPackages": None,
         "attempts": attempts,

@@ -36,6 +36,9 @@ ATTEMPT_LABEL = f"{GROUP}/attempt"
 
 CONTAINER = "builder"
 NIX_STORE_VOLUME = "nix-store"
+NETRC_VOLUME = "nix-netrc"
+NETRC_FILE = "/etc/nix/netrc.d/netrc"
+"""Where builder pods see the binary caches' credentials (``netrc_secret``'s key ``netrc``)."""
 TERMINATION_LOG = "/dev/termination-log"
 NAME_KEY_DIGITS = 20
 """80 bits of the key in the name; a clash is detected through the annotation."""
@@ -99,6 +102,9 @@ def builder_command(target: Target, settings: OperatorSettings) -> list[str]:
         "--storage", settings.storage,
         "--timeout", f"{settings.build_timeout:g}",
         "--termination-log", TERMINATION_LOG,
+        *(arg for url in settings.substituters for arg in ("--substituter", url)),
+        *(arg for key in settings.trusted_public_keys for arg in ("--trusted-public-key", key)),
+        *(("--netrc-file", NETRC_FILE) if settings.netrc_secret else ()),
     ]  # fmt: skip
 
 
@@ -156,6 +162,13 @@ def builder_pod(
     if settings.nix_store_volume is not None:
         volumes.insert(0, {"name": NIX_STORE_VOLUME, **settings.nix_store_volume})
         mounts.insert(0, {"name": NIX_STORE_VOLUME, "mountPath": settings.nix_store_mount_path})
+    if settings.netrc_secret:
+        secret = {"secretName": settings.netrc_secret, "defaultMode": 0o440}
+        secret["items"] = [{"key": "netrc", "path": NETRC_FILE.rpartition("/")[2]}]
+        volumes.append({"name": NETRC_VOLUME, "secret": secret})
+        mounts.append(
+            {"name": NETRC_VOLUME, "mountPath": NETRC_FILE.rpartition("/")[0], "readOnly": True}
+        )
     if volumes:
         pod_spec["volumes"] = volumes
         container["volumeMounts"] = mounts

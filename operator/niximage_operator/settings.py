@@ -8,6 +8,7 @@ set later (in tests, or by a wrapper script).
 
 from __future__ import annotations
 
+import re
 from typing import Annotated, Any, Literal
 
 from pydantic import Field, field_validator
@@ -18,6 +19,9 @@ from niximage_core.errors import InvalidInput
 from niximage_core.units import parse_duration
 
 ENV_PREFIX = "NIXIMAGE_OPERATOR_"
+_CACHE_URL = re.compile(r"(https?://[^/\s?#@]+|file://)(/[^\s?#]*)?")
+_PUBLIC_KEY = re.compile(r"[A-Za-z0-9+\-._]{1,128}:[A-Za-z0-9+/]{43}=")
+"""What ``nix-store --generate-binary-cache-key`` writes: a name and 32 bytes of base64."""
 
 DEFAULT_RESOURCES: dict[str, Any] = {
     "requests": {"cpu": "1", "memory": "1Gi"},
@@ -77,6 +81,16 @@ class OperatorSettings(BaseSettings):
     builder_user: int = Field(default=65532, ge=1)
     """uid and gid builder pods run as (the image's unprivileged user); never root."""
 
+    substituters: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    """Binary caches builder pods take store paths from (http(s):// or file:// URLs,
+    comma-separated in the environment), and no others. Empty: the builder image's Nix
+    configuration decides (cache.nixos.org by default)."""
+    trusted_public_keys: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    """``name:base64`` keys (comma-separated) a cache's paths must be signed with."""
+    netrc_secret: str | None = None
+    """A Secret (key ``netrc``) with the caches' credentials, in the namespace of each
+    builder pod; mounted read-only, as Nix's ``netrc-file``."""
+
     max_concurrent_builds: int = Field(default=4, ge=1)
     """Builder pods that may run at once, cluster-wide; the rest wait (BuilderPending)."""
     build_timeout: float = Field(default=3600.0, gt=0)
@@ -122,7 +136,7 @@ class OperatorSettings(BaseSettings):
 
     @field_validator(
         "package_sources", "builder_command", "builder_image_pull_secrets", "namespaces",
-        mode="before",
+        "substituters", "trusted_public_keys", mode="before",
     )  # fmt: skip
     @classmethod
     def _comma_list(cls, value: Any) -> Any:
@@ -159,6 +173,26 @@ class OperatorSettings(BaseSettings):
     def _command(cls, value: list[str]) -> list[str]:
         if not value:
             raise ValueError("builder_command must name the niximage program")
+        return value
+
+    @field_validator("substituters")
+    @classmethod
+    def _substituters(cls, value: list[str]) -> list[str]:
+        for url in value:
+            if not _CACHE_URL.fullmatch(url):
+                raise ValueError(f"substituter {url[:200]!r} is not an http(s):// or file:// URL")
+        return value
+
+    @field_validator("trusted_public_keys")
+    @classmethod
+    def _keys(cls, value: list[str], info: Any) -> list[str]:
+        for key in value:
+            if not _PUBLIC_KEY.fullmatch(key):
+                raise ValueError(
+                    f"trusted public key {key[:80]!r} is not 'name:base64 of 32 bytes'"
+                )
+        if info.data.get("substituters") and not value:
+            raise ValueError("substituters need trusted_public_keys: paths are taken only signed")
         return value
 
     def retry_backoff(self, failed_attempts: int) -> float:

@@ -11,6 +11,7 @@ values.schema.json turns bad values away with a message that names the value.
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import subprocess
@@ -353,6 +354,47 @@ def test_builder_pods_are_placed_and_pull_as_the_values_say(
     assert settings.builder_image_pull_secrets == [secret["name"] for secret in secrets]
 
 
+CACHE_KEY = "cache.example.org-1:" + "A" * 43 + "="
+
+
+def test_binary_caches_reach_builder_pods_as_flags_and_a_netrc_mount(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    sets = {
+        "builder.binaryCaches.substituters[0]": "https://cache.example.org",
+        "builder.binaryCaches.substituters[1]": "http://attic.build.svc:8080/main",
+        "builder.binaryCaches.trustedPublicKeys[0]": CACHE_KEY,
+        "builder.binaryCaches.netrcSecret": "cache-netrc",
+    }
+    settings = operator_settings(render(sets=sets), monkeypatch)
+    assert settings.substituters == [
+        "https://cache.example.org",
+        "http://attic.build.svc:8080/main",
+    ]
+    assert settings.trusted_public_keys == [CACHE_KEY]
+    sources = specs.PackageSources.configure(settings.default_package_source)
+    body = {
+        "apiVersion": podspec.API_VERSION,
+        "kind": podspec.KIND,
+        "metadata": {"name": "jq", "namespace": "team", "uid": "u1"},
+        "spec": {"packages": ["jq"]},
+    }
+    pod = podspec.builder_pod(specs.resolve(body, sources), 1, body, settings)
+    [builder] = pod["spec"]["containers"]
+    command = builder["command"]
+    pairs = list(itertools.pairwise(command))
+    assert ("--substituter", "https://cache.example.org") in pairs
+    assert ("--trusted-public-key", CACHE_KEY) in pairs
+    assert ("--netrc-file", podspec.NETRC_FILE) in pairs
+    (netrc,) = [v for v in pod["spec"]["volumes"] if v["name"] == podspec.NETRC_VOLUME]
+    assert netrc["secret"]["secretName"] == "cache-netrc"
+    (mount,) = [m for m in builder["volumeMounts"] if m["name"] == podspec.NETRC_VOLUME]
+    assert mount["readOnly"] is True
+    # What the builder is given, its own command line accepts.
+    args = cli.build_parser("build").parse_args(command[1:])
+    assert args.substituter == settings.substituters and args.netrc_file == podspec.NETRC_FILE
+
+
 def test_gc_runs_in_the_operator_only_when_enabled(monkeypatch: pytest.MonkeyPatch) -> None:
     assert operator_settings(render(), monkeypatch).gc_interval is None
     enabled = render(sets={"gc.enabled": "true", "gc.interval": "12h", "gc.grace": "2h"})
@@ -578,6 +620,18 @@ BAD_VALUES = [
     ({"operator.metricsPort": "70000"}, "at '/operator/metricsPort'"),
     ({"builder.extraVolumes[0].name": "storage"}, "at '/builder/extraVolumes/0"),
     ({"builder.extraVolumeMounts[0].name": "x"}, "at '/builder/extraVolumeMounts/0'"),
+    (
+        {"builder.binaryCaches.substituters[0]": "ftp://cache"},
+        "at '/builder/binaryCaches/substituters/0'",
+    ),
+    (
+        {"builder.binaryCaches.substituters[0]": "https://cache"},
+        "at '/builder/binaryCaches/trustedPublicKeys'",
+    ),
+    (
+        {"builder.binaryCaches.trustedPublicKeys[0]": "cache:short"},
+        "at '/builder/binaryCaches/trustedPublicKeys/0'",
+    ),
 ]
 
 

@@ -112,3 +112,33 @@ def test_backoffs_double_and_stop_at_the_cap(environment: pytest.MonkeyPatch) ->
     config = OperatorSettings(retry_delay=10, retry_max_delay=60, storage_retry_delay=5)
     assert [config.retry_backoff(n) for n in (1, 2, 3, 4)] == [10, 20, 40, 60]
     assert [config.storage_backoff(n) for n in (0, 1, 2, 5)] == [5, 10, 20, 60]
+
+
+KEY = "cache.example.org-1:" + "B" * 43 + "="
+
+
+def test_binary_caches_come_from_the_environment(environment: pytest.MonkeyPatch) -> None:
+    environment.setenv("NIXIMAGE_OPERATOR_SUBSTITUTERS", "https://a.example, file:///srv/cache")
+    environment.setenv("NIXIMAGE_OPERATOR_TRUSTED_PUBLIC_KEYS", KEY)
+    environment.setenv("NIXIMAGE_OPERATOR_NETRC_SECRET", "cache-netrc")
+    config = OperatorSettings()  # type: ignore[call-arg]
+    assert config.substituters == ["https://a.example", "file:///srv/cache"]
+    assert config.trusted_public_keys == [KEY] and config.netrc_secret == "cache-netrc"
+
+
+@pytest.mark.parametrize(
+    ("substituters", "keys", "message"),
+    [
+        ("ftp://cache", KEY, "is not an http(s):// or file:// URL"),
+        ("https://user:pw@cache", KEY, "is not an http(s):// or file:// URL"),
+        ("https://cache", "", "substituters need trusted_public_keys"),
+        ("https://cache", "cache:short", "is not 'name:base64 of 32 bytes'"),
+    ],
+)
+def test_bad_binary_cache_settings_are_refused(
+    environment: pytest.MonkeyPatch, substituters: str, keys: str, message: str
+) -> None:
+    environment.setenv("NIXIMAGE_OPERATOR_SUBSTITUTERS", substituters)
+    environment.setenv("NIXIMAGE_OPERATOR_TRUSTED_PUBLIC_KEYS", keys)
+    with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        OperatorSettings()  # type: ignore[call-arg]

@@ -45,7 +45,7 @@ This ``__init__`` only re-exports: ``from niximage_builder import tarball`` then
 
 from niximage_builder.tarball.entries import Entry, EntryKind, PackError
 from niximage_builder.tarball.headers import MTIME, tar_header
-from niximage_builder.tarball.packing import LayerJob, pack_entries, pack_paths
+from niximage_builder.tarball.packing import LayerJob, pack_entries, pack_normalized, pack_paths
 from niximage_builder.tarball.scanning import ANCESTOR_MODE, entry_from_stat, normalize, scan_paths
 from niximage_builder.tarball.streaming import (
     BLOCK_SIZE,
@@ -70,6 +70,7 @@ __all__ = [
     "layer_format",
     "normalize",
     "pack_entries",
+    "pack_normalized",
     "pack_paths",
     "scan_paths",
     "tar_header",

@@ -39,7 +39,8 @@ def _valid_name(name: str) -> bool:
 @dataclass(frozen=True, slots=True)
 class Entry:
     """One tar entry: a directory, a symlink, or a file whose bytes come from ``source``
-    (a path read while packing) or ``data`` (synthetic content, e.g. a generated file)."""
+    (a path read while packing, or a region of it) or ``data`` (synthetic content, e.g. a
+    generated file)."""
 
     name: str
     """Relative path in the layer, no leading or trailing slash: ``nix/store/<hash>-x/bin``."""
@@ -51,6 +52,9 @@ class Entry:
     """Symlink target, stored verbatim (absolute targets stay absolute)."""
     source: str | None = None
     data: bytes | None = None
+    offset: int | None = None
+    """Where the contents start in ``source`` when it holds more than this file (a spooled
+    NAR); None: ``source`` is the file itself, of exactly ``size`` bytes."""
 
     def __post_init__(self) -> None:
         if not _valid_name(self.name):
@@ -61,6 +65,8 @@ class Entry:
             raise PackError(f"{self.name}: a symlink needs a target")
         if self.kind == "file" and (self.source is None) == (self.data is None):
             raise PackError(f"{self.name}: a file needs exactly one of source and data")
+        if self.offset is not None and (self.source is None or self.offset < 0):
+            raise PackError(f"{self.name}: an offset needs a source")
         if self.data is not None and self.size != len(self.data):
             raise PackError(f"{self.name}: size {self.size} but {len(self.data)} bytes of data")
 

@@ -47,7 +47,12 @@ def _copy_source(stream: LayerStream, entry: Entry) -> None:
         raise PackError(f"{path}: {err.strerror}") from err
     try:
         st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode) or st.st_size != entry.size:
+        if entry.offset is None:
+            fits = st.st_size == entry.size
+        else:  # a region of a spooled NAR
+            fits = st.st_size >= entry.offset + entry.size
+            os.lseek(fd, entry.offset, os.SEEK_SET)
+        if not stat.S_ISREG(st.st_mode) or not fits:
             raise PackError(f"{path}: changed while it was being packed")
         stream.copy_file(fd, entry.size, path)
     except OSError as err:
@@ -63,6 +68,16 @@ def _pack_sorted(
     for entry in entries:
         _write_entry(stream, entry)
     return stream.finish(compression)
+
+
+def pack_normalized(
+    entries: Iterable[Entry],
+    sink: SupportsWrite,
+    compression: Compression = "gzip",
+    level: int | None = None,
+) -> PackedLayer:
+    """Pack entries that ``normalize`` (or ``scan_paths``) already gave, in their order."""
+    return _pack_sorted(entries, sink, compression, level)
 
 
 def pack_entries(
