@@ -1,11 +1,11 @@
 #!/usr/bin/env bash
 # Runs every benchmark with its reference, on this machine, in one go. Figures are ratios
 # against the reference measured in the same run (the machine is shared and noisy).
-#   benchmarks/run.sh [layering|update|pack|cold|rebuild|registry|operator|restart]...
+#   benchmarks/run.sh [layering|update|pack|cold|rebuild|cache|registry|operator|restart]...
 set -euo pipefail
 cd "$(dirname "$0")/.."
 selected=("$@")
-((${#selected[@]})) || selected=(layering update pack cold rebuild registry operator restart)
+((${#selected[@]})) || selected=(layering update pack cold rebuild cache registry operator restart)
 
 for name in "${selected[@]}"; do
   echo "=== $name"
@@ -19,6 +19,7 @@ for name in "${selected[@]}"; do
       python3 benchmarks/pack.py "$big" "$python" --repeat 2 ;;
     cold) python3 benchmarks/cold_build.py ;;
     rebuild) python3 benchmarks/warm_rebuild.py ;;
+    cache) python3 benchmarks/binary_cache.py ;;
     registry) python3 benchmarks/registry.py ;;
     operator) python3 benchmarks/operator.py ;;
     restart) python3 benchmarks/operator_restart.py ;;

@@ -130,8 +130,8 @@ class CacheContents:
         return os.path.join(self._dir, path.rpartition("/")[2] + ".nar")
 
     def _fetch(self, path: str, contents: bool) -> list[Entry]:
-        """The path's entries; with ``contents`` its spool must exist too (fetched again if
-        a packed layer released it and a repack needs it)."""
+        """The path's entries; with ``contents`` its spool must exist too (fetched again only
+        if a packed layer released it and a repack after a racing gc needs it)."""
         with self._lock(path):
             known = self._listings.get(path)
             if known is not None and (path in self._spooled or not contents):
@@ -155,9 +155,8 @@ class CacheContents:
             except BaseException:
                 os.unlink(spool_path)
                 raise
+            # Kept even when only the names were wanted (the top layer): the root's own
+            # layer may need the contents next, and must not download the NAR again.
             self._listings[path] = listing.entries
-            if contents:
-                self._spooled.add(path)
-            else:  # only the names were wanted (the top layer)
-                os.unlink(spool_path)
+            self._spooled.add(path)
             return listing.entries

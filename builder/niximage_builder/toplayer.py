@@ -1,7 +1,9 @@
 """The image's top layer: a symlink forest of the requested packages (the README's "Top layer").
 
 Like nixpkgs' ``symlinkJoin`` (``lndir`` over every root), which Nixery builds in Nix
-(as Nixery's does), but computed here from the store directly:
+(as Nixery's does), but computed here from the roots' listings: a scan of the store, or
+the entries of their NARs when they come from a binary cache (``contents``), with the
+same result:
 
 - Each root store path is walked in the order given. Its directories become real
   directories of the forest (mode 0755), merged with those of other roots; every file or

@@ -38,10 +38,14 @@ class Key:
         self.public = public.read_text().strip()
 
 
-def copy_to_cache(cache: Path, paths: Sequence[str], compression: str, key: Key | None) -> None:
-    """The closures of ``paths`` into the cache (signed with ``key`` when given)."""
+def copy_to_cache(
+    cache: Path, paths: Sequence[str], compression: str, key: Key | None, source: str = ""
+) -> None:
+    """The closures of ``paths`` into the cache (signed with ``key`` when given), from this
+    machine's store or ``source`` (a store URL, e.g. ``local?root=DIR``)."""
     url = f"file://{cache}?compression={compression}"
-    subprocess.run([*NIX, "copy", "--to", url, *paths], check=True, capture_output=True)
+    origin = ["--from", source] if source else []
+    subprocess.run([*NIX, "copy", *origin, "--to", url, *paths], check=True, capture_output=True)
     if key is not None:
         subprocess.run(
             [*NIX, "store", "sign", "--key-file", str(key.secret), "--store", f"file://{cache}",
@@ -63,6 +67,7 @@ class CacheServer:
     """``http://127.0.0.1:<port>`` over a cache folder; ``requests`` lists the paths asked."""
 
     def __init__(self, folder: Path) -> None:
+        self.folder = folder
         handler = functools.partial(_Handler, directory=str(folder))
         self._server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
         self._server.requests = []  # type: ignore[attr-defined]
@@ -76,6 +81,11 @@ class CacheServer:
 
     def nar_requests(self) -> list[str]:
         return [path for path in self.requests if path.startswith("/nar/")]
+
+    def served_nar_bytes(self, since: int = 0) -> int:
+        """Bytes of the NAR files sent, from the ``since``-th request on."""
+        asked = [p for p in self.requests[since:] if p.startswith("/nar/")]
+        return sum((self.folder / p.lstrip("/")).stat().st_size for p in asked)
 
     def close(self) -> None:
         self._server.shutdown()
@@ -91,14 +101,18 @@ def serve(folder: Path) -> Iterator[CacheServer]:
         server.close()
 
 
-def empty_store_niximage(*args: str) -> subprocess.CompletedProcess[str]:
-    """``niximage ARGS`` with an empty Nix store (a tmpfs over /nix, this process only)."""
+def in_empty_store(*argv: str) -> subprocess.CompletedProcess[str]:
+    """Run ``argv`` with an empty Nix store (a tmpfs over /nix, for this process only)."""
     script = 'mount -t tmpfs niximage-empty-store /nix && exec "$@"'
     return subprocess.run(
-        ["unshare", "--mount", "--propagation", "private", "sh", "-c", script, "sh",
-         sys.executable, "-m", "niximage_cli", *args],
+        ["unshare", "--mount", "--propagation", "private", "sh", "-c", script, "sh", *argv],
         capture_output=True, text=True, env=env(), cwd=ROOT, timeout=600,
     )  # fmt: skip
+
+
+def empty_store_niximage(*args: str) -> subprocess.CompletedProcess[str]:
+    """``niximage ARGS`` with an empty Nix store."""
+    return in_empty_store(sys.executable, "-m", "niximage_cli", *args)
 
 
 def build_json(proc: subprocess.CompletedProcess[str]) -> dict[str, Any]:

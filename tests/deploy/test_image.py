@@ -8,6 +8,8 @@ way the cluster uses it.
   from the image's recorded package source, so operator and builder agree.
 - The registry, as the chart starts it (read-only root, every capability dropped, storage
   mounted read-only), serves that image's manifest by tag.
+- A builder pod with an empty /nix and a binary cache (a first pod's store, copied, signed
+  and served over HTTP) builds the same image from narinfo and NARs alone.
 
 Slow (debootstrap and podman build: minutes from scratch, about one minute warm) and root
 only: marked ``image``. The debootstrap base and podman's layer cache persist in
@@ -145,16 +147,25 @@ def test_the_recorded_package_source_is_the_repositorys_set(built: Built) -> Non
     assert settings.default_package_source == f"path:/opt/niximage/nix/testpkgs#{local}"
 
 
-def builder_pod_run(built: Built, tmp_path: Path, packages: list[str]) -> dict[str, Any]:
-    """Run the builder container the operator would create, as a pod would run it."""
+def builder_pod_run(
+    built: Built,
+    tmp_path: Path,
+    packages: list[str],
+    caches: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Run the builder container the operator would create, as a pod would run it; with
+    ``caches`` (operator settings for binary caches) on the host's network, else none.
+    The pod's /nix is ``tmp_path/nix``."""
     storage, nix_store, log = tmp_path / "storage", tmp_path / "nix", tmp_path / "termination"
-    storage.mkdir()
+    storage.mkdir(parents=True)
     nix_store.mkdir()
     nix_store.chmod(0o777)  # what an emptyDir is
     log.touch()
     for path in (storage, log):
         os.chown(path, 65532, 65532)
     settings = operator_settings(built, "/var/lib/niximage")
+    if caches:
+        settings = settings.model_copy(update=caches)
     body = {
         "apiVersion": podspec.API_VERSION,
         "kind": podspec.KIND,
@@ -166,7 +177,10 @@ def builder_pod_run(built: Built, tmp_path: Path, packages: list[str]) -> dict[s
     pod = podspec.builder_pod(target, 1, body, settings)
     container = pod["spec"]["containers"][0]
     env = [f"--env={e['name']}={e['value']}" for e in container["env"]]
-    done = built.run(
+    done = built.podman(
+        "run",
+        "--rm",
+        "--network=host" if caches else "--network=none",
         # What Pod Security's "restricted" level leaves a pod: no capabilities, no
         # privilege escalation, not root.
         "--cap-drop=ALL",
@@ -243,6 +257,32 @@ def test_a_builder_pod_builds_the_bundled_set_and_the_registry_serves_it(
     assert done.returncode == 0, done.stderr[-4000:]
     # (The registry's JSON access log shares stdout.)
     assert f"digest {result['manifestDigest']}" in done.stdout.splitlines()
+
+
+def test_a_builder_pod_with_an_empty_store_builds_from_a_binary_cache(
+    built: Built, tmp_path: Path
+) -> None:
+    """Issue 15 in the image: a builder pod's store is made a signed cache and served over
+    HTTP; a second pod, its /nix empty, given the cache as the operator gives it
+    (``--substituter``, ``--trusted-public-key``), builds the same images from narinfo and
+    NARs alone: the same manifest digests, no derivation built."""
+    from tests.binarycache.cachesupport import Key, closure_paths, copy_to_cache, serve
+
+    packages = ["jq", "python3"]
+    warm = builder_pod_run(built, tmp_path / "warm", packages)["result"]
+    key = Key(tmp_path)
+    paths = sorted(closure_paths(warm))
+    copy_to_cache(tmp_path / "cache", paths, "zstd", key, f"local?root={tmp_path / 'warm'}")
+    with serve(tmp_path / "cache") as server:
+        caches = {"substituters": [server.url], "trusted_public_keys": [key.public]}
+        cold = builder_pod_run(built, tmp_path / "cold", packages, caches)["result"]
+        served = server.served_nar_bytes()
+    assert cold["manifestDigest"] == warm["manifestDigest"]
+    assert cold["derivationsBuilt"] == 0
+    assert cold["narsDownloaded"] == len(paths) and cold["bytesDownloaded"] == served
+    # Nothing was substituted into the pod's store: only the package set's sources are in it.
+    in_store = {p.name for p in (tmp_path / "cold" / "nix" / "store").iterdir()}
+    assert not in_store & {p.rpartition("/")[2] for p in paths}
 
 
 def test_the_operator_entry_imports_in_the_image(built: Built) -> None:
