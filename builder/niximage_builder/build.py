@@ -24,7 +24,7 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
-from niximage_builder import layering, nixcli, sourcing, tarball, toplayer
+from niximage_builder import layering, listings, nixcli, sourcing, tarball, toplayer
 from niximage_builder.closure import ClosureGraph
 from niximage_builder.contents import Contents, LocalStore
 from niximage_builder.popularity import Popularity
@@ -79,6 +79,8 @@ class _Packer:
         self.compression = spec.compression
         self.lease = lease
         self.contents = contents or LocalStore()
+        self.listing = listings.through_storage(storage, self.contents.listing)
+        """The roots' trees for the top layer: from ``listings/`` when stored."""
         self.uploaded = 0
         self.shell: list[str] | None = None
         """The top layer's ``Cmd`` once ``shell_known``: recorded with the top layer, so a
@@ -103,7 +105,7 @@ class _Packer:
         meta: dict[str, object] = {}
         with self.storage.blob_writer() as writer:
             if paths == [TOP_LAYER]:
-                listing = self.contents.listing
+                listing = self.listing
                 packed = toplayer.pack_top_layer(key_paths, writer, self.compression, None, listing)
                 self.shell = toplayer.shell_command(key_paths, listing)
                 meta["cmd"], self.shell_known = self.shell, True
@@ -198,7 +200,7 @@ def assemble(
     ]
     shell = packer.shell
     if not packer.shell_known:  # a top layer recorded before its Cmd was
-        shell = toplayer.shell_command(graph.roots, packer.contents.listing)
+        shell = toplayer.shell_command(graph.roots, packer.listing)
     config = manifest.image_config(spec, descriptors, shell)
     image = manifest.image_manifest(spec, config, descriptors)
     if lease is not None:

@@ -210,3 +210,20 @@ def test_bad_cache_flags_exit_2_before_nix_runs(flags: list[str], message: str) 
     proc = niximage("build", "jq", "--storage", "/nonexistent", *flags, check=False)
     assert proc.returncode == 2 and message in proc.stderr, proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_a_root_listing_round_trips_and_a_foreign_record_is_ignored() -> None:
+    from niximage_builder import listings
+
+    own = PATH[1:]
+    entries = [
+        tarball.Entry.directory(own, 0o555),
+        tarball.Entry.directory(own + "/bin", 0o555),
+        tarball.Entry.file(own + "/bin/demo", "/spool", 3, 0o555),
+    ]
+    back = listings.decode(PATH, listings.encode(PATH, entries))
+    assert back is not None
+    assert [(e.name, e.kind == "dir") for e in back] == [(e.name, e.kind == "dir") for e in entries]
+    assert listings.decode(DEP, listings.encode(PATH, entries)) is None  # another path's
+    assert listings.decode(PATH, b"not zlib") is None
+    assert listings.listing_key(PATH) == "listings/" + "a" * 32

@@ -4,6 +4,7 @@ Layout (both backends, docs/architecture.md#storage-layout):
 
     blobs/sha256/<hex>          layers, configs, manifests: content-addressed, immutable
     layers/<layer key>          JSON metadata of a built layer
+    listings/<store path hash>  a requested package's tree, for the top layer (builder.listings)
     builds/<build key>          JSON build result
     tags/<repository>/_tags/<tag>  the manifest digest a tag points at (layout.tag_path)
     owners/<ns>/<name>/<uid>/<tag>  which NixImage a tag is (niximage_operator.ownership)
@@ -35,7 +36,9 @@ def check_key(key: str) -> str:
     parts = key.split("/")
     if len(key) > 1024 or len(parts) < 2 or not all(_KEY_PART.fullmatch(p) for p in parts):
         raise InvalidInput(f"invalid storage key: {key[:200]!r}")
-    if parts[0] not in ("layers", "builds", "tags", "owners", "revisions", "registry", "gc"):
+    if parts[0] not in (
+        "layers", "builds", "tags", "owners", "revisions", "registry", "gc", "listings",
+    ):  # fmt: skip
         raise InvalidInput(f"invalid storage key prefix: {key[:200]!r}")
     return key
 
