@@ -15,6 +15,7 @@ and after writing the manifest touches every blob again, packing anew whatever v
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import json
 import os
@@ -105,7 +106,8 @@ class _Packer:
         meta: dict[str, object] = {}
         with self.storage.blob_writer() as writer:
             if paths == [TOP_LAYER]:
-                listing = self.listing
+                # One listing per root for both the forest and the Cmd, not a scan each.
+                listing = functools.cache(self.listing)
                 packed = toplayer.pack_top_layer(key_paths, writer, self.compression, None, listing)
                 self.shell = toplayer.shell_command(key_paths, listing)
                 meta["cmd"], self.shell_known = self.shell, True

@@ -104,6 +104,8 @@ class CacheContents:
 
     def entries(self, paths: Sequence[str]) -> list[Entry]:
         local = [path for path in paths if path not in self._remote]
+        if len(local) == len(paths):
+            return self._local.entries(local)  # already normalised
         found = self._local.entries(local) if local else []
         for path in paths:
             if path in self._remote:

@@ -306,6 +306,18 @@ def operator_settings(
     return OperatorSettings()  # type: ignore[call-arg]
 
 
+def jq_builder_pod(settings: OperatorSettings, namespace: str) -> dict[str, Any]:
+    """The builder pod the operator makes with these settings for a NixImage of jq."""
+    sources = specs.PackageSources.configure(settings.default_package_source)
+    body = {
+        "apiVersion": podspec.API_VERSION,
+        "kind": podspec.KIND,
+        "metadata": {"name": "jq", "namespace": namespace, "uid": "u1"},
+        "spec": {"packages": ["jq"]},
+    }
+    return podspec.builder_pod(specs.resolve(body, sources), 1, body, settings)
+
+
 def test_builder_pods_reach_the_storage_as_the_operator_does(
     rendered: tuple[Path, list[dict[str, Any]]], monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -314,14 +326,7 @@ def test_builder_pods_reach_the_storage_as_the_operator_does(
     the operator's own container; and it meets the restricted Pod Security level."""
     objects = rendered[1]
     settings = operator_settings(objects, monkeypatch)
-    sources = specs.PackageSources.configure(settings.default_package_source)
-    body = {
-        "apiVersion": podspec.API_VERSION,
-        "kind": podspec.KIND,
-        "metadata": {"name": "jq", "namespace": "niximage-system", "uid": "u1"},
-        "spec": {"packages": ["jq"]},
-    }
-    pod = podspec.builder_pod(specs.resolve(body, sources), 1, body, settings)
+    pod = jq_builder_pod(settings, "niximage-system")
     [builder] = pod["spec"]["containers"]
     volumes = {v["name"]: v for v in pod["spec"].get("volumes", [])}
     mounts = {m["mountPath"]: volumes[m["name"]] for m in builder.get("volumeMounts", [])}
@@ -372,14 +377,7 @@ def test_binary_caches_reach_builder_pods_as_flags_and_a_netrc_mount(
         "http://attic.build.svc:8080/main",
     ]
     assert settings.trusted_public_keys == [CACHE_KEY]
-    sources = specs.PackageSources.configure(settings.default_package_source)
-    body = {
-        "apiVersion": podspec.API_VERSION,
-        "kind": podspec.KIND,
-        "metadata": {"name": "jq", "namespace": "team", "uid": "u1"},
-        "spec": {"packages": ["jq"]},
-    }
-    pod = podspec.builder_pod(specs.resolve(body, sources), 1, body, settings)
+    pod = jq_builder_pod(settings, "team")
     [builder] = pod["spec"]["containers"]
     command = builder["command"]
     pairs = list(itertools.pairwise(command))

@@ -61,15 +61,6 @@ def _copy_source(stream: LayerStream, entry: Entry) -> None:
         os.close(fd)
 
 
-def _pack_sorted(
-    entries: Iterable[Entry], sink: SupportsWrite, compression: Compression, level: int | None
-) -> PackedLayer:
-    stream = LayerStream(sink, compression, level, compression_pool())
-    for entry in entries:
-        _write_entry(stream, entry)
-    return stream.finish(compression)
-
-
 def pack_normalized(
     entries: Iterable[Entry],
     sink: SupportsWrite,
@@ -77,7 +68,10 @@ def pack_normalized(
     level: int | None = None,
 ) -> PackedLayer:
     """Pack entries that ``normalize`` (or ``scan_paths``) already gave, in their order."""
-    return _pack_sorted(entries, sink, compression, level)
+    stream = LayerStream(sink, compression, level, compression_pool())
+    for entry in entries:
+        _write_entry(stream, entry)
+    return stream.finish(compression)
 
 
 def pack_entries(
@@ -87,7 +81,7 @@ def pack_entries(
     level: int | None = None,
 ) -> PackedLayer:
     """Pack arbitrary entries (normalised first: sorted, ancestors added) into one layer."""
-    return _pack_sorted(normalize(entries), sink, compression, level)
+    return pack_normalized(normalize(entries), sink, compression, level)
 
 
 def pack_paths(
@@ -100,7 +94,7 @@ def pack_paths(
 
     Writes the compressed blob to ``sink``; the caller commits it with ``packed.digest``.
     """
-    return _pack_sorted(scan_paths(paths), sink, compression, level)
+    return pack_normalized(scan_paths(paths), sink, compression, level)
 
 
 @dataclass(frozen=True)
