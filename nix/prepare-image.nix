@@ -66,20 +66,49 @@ let
 
   resolved = map resolve requested;
   missing = map (r: r.name) (builtins.filter (r: !r.ok) resolved);
+
+  # What the SBOM says of each requested package beyond its store path: Nix's `meta`
+  # (licence, homepage, description) and version. A value that fails to evaluate is left
+  # out, never an error: the image does not depend on it.
+  safe = v: let t = builtins.tryEval (builtins.deepSeq v v); in if t.success then v else null;
+  licenseId = l:
+    if builtins.isAttrs l then (l.spdxId or l.shortName or l.fullName or null)
+    else if builtins.isString l then l else null;
+  firstString = v:
+    if builtins.isList v then (if v == [ ] then null else firstString (builtins.head v))
+    else if builtins.isString v then v else null;
+  describe = r:
+    let
+      meta = r.value.meta or { };
+      license = meta.license or [ ];
+    in {
+      attr = r.name;
+      path = safe r.value.outPath;
+      pname = safe (r.value.pname or null);
+      version = safe (r.value.version or null);
+      licenses = safe (builtins.filter (l: l != null)
+        (map licenseId (if builtins.isList license then license else [ license ])));
+      homepage = safe (firstString (meta.homepage or null));
+      description = safe (firstString (meta.description or null));
+    };
+  # Traced rather than returned: `nix-build -A contents` prints only store paths, and a
+  # second evaluation for these few strings would cost as much as the first. The builder
+  # reads the line from Nix's stderr (nixcli.package_meta).
+  withMeta = builtins.trace "niximage-meta:${builtins.toJSON (map describe resolved)}";
 in
 {
   inherit missing;
   contents =
     if missing != [ ] then throw "niximage-not-found:${builtins.toJSON missing}"
-    else map (r: r.value) resolved;
+    else withMeta (map (r: r.value) resolved);
   # What `nix-build -A contents` would realise, without realising it (`nix-instantiate
   # --eval --strict --json -A outputs`): each package's store path and the derivation
   # output that makes it, so a builder can take the paths from a binary cache instead.
   outputs =
     if missing != [ ] then throw "niximage-not-found:${builtins.toJSON missing}"
-    else map (r: {
+    else withMeta (map (r: {
       path = r.value.outPath;
       drvPath = r.value.drvPath;
       output = r.value.outputName or "out";
-    }) resolved;
+    }) resolved);
 }

@@ -21,15 +21,16 @@ import json
 import os
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import Any
 
 from niximage_builder import layering, listings, nixcli, sourcing, tarball, toplayer
 from niximage_builder.closure import ClosureGraph
 from niximage_builder.contents import Contents, LocalStore
 from niximage_builder.popularity import Popularity
-from niximage_core import gc, layout, manifest
+from niximage_core import gc, inspection, layout, manifest, referrers
 from niximage_core.digest import Digest
 from niximage_core.errors import InvalidInput, NixImageError, StorageError
 from niximage_core.imagespec import (
@@ -40,7 +41,7 @@ from niximage_core.imagespec import (
     canonical_json,
     spec_document,
 )
-from niximage_core.result import BuildError, BuildResult, LayerResult, PlatformResult
+from niximage_core.result import BuildError, BuildResult, LayerResult, PlatformResult, Referrer
 from niximage_core.storage.base import Storage, check_key
 
 Progress = Callable[[str], None]
@@ -163,8 +164,10 @@ def assemble(
     progress: Progress | None = None,
     lease: gc.Lease | None = None,
     contents: Contents | None = None,
+    meta: Sequence[Mapping[str, Any]] = (),
 ) -> tuple[BuildResult, dict[str, float]]:
-    """Layers, tarballs, config and manifest for a realised closure.
+    """Layers, tarballs, config and manifest for a realised closure, and its SBOM (from
+    the closure and the requested packages' ``meta``) linked to the manifest as a referrer.
 
     Every blob the manifest names exists when this returns (verified after the manifest was
     written, see ``_secure``); ``lease`` collects their digests for gc.
@@ -205,16 +208,30 @@ def assemble(
         shell = toplayer.shell_command(graph.roots, packer.listing)
     config = manifest.image_config(spec, descriptors, shell)
     image = manifest.image_manifest(spec, config, descriptors)
+    small = [config, image]
+    # The same image has the same SBOM (the closure and the source decide both): an earlier
+    # build's is kept, in the lease, once its blobs are touched; else it is written anew.
+    about = _stored_sbom(storage, image.digest)
+    named = [Digest.parse(d) for d in (about.manifestDigest, *about.blobs)] if about else []
     if lease is not None:
-        lease.add(config.digest, image.digest)
+        lease.add(*(blob.digest for blob in small), *named)
         lease.flush()  # every digest of the image, before anything names it
+    artifact: list[manifest.Blob] = []
+    if about is None or gc.touch_all(storage, named):
+        about, artifact = _sbom(spec, graph, meta, image)
+        small += artifact
+        if lease is not None:
+            lease.add(*(blob.digest for blob in artifact))
+            lease.flush()
     put = 0
-    for blob in (config, image):
+    for blob in small:
         if gc.touch_blob(storage, blob.digest) is None:
             storage.put_blob(blob.data)
             put += len(blob.data)
     gc.checkpoint("build.manifest-written", digest=image.digest)
-    put += _secure(storage, packer, jobs, layers, (config, image))
+    put += _secure(storage, packer, jobs, layers, small)
+    if artifact:  # linked after its blobs, so whoever finds the link finds them
+        referrers.record(storage, image.digest, manifest.referrer_descriptor(artifact[-1]))
     uploaded = packer.uploaded + put
     timings["manifest"] = time.monotonic() - started
     result = BuildResult(
@@ -226,9 +243,50 @@ def assemble(
         configDigest=str(config.digest),
         imageSize=len(config.data) + sum(layer.size for layer in layers),
         layers=layers,
+        referrers=[about],
         bytesUploaded=uploaded,
     )
     return result, timings
+
+
+def _sbom(
+    spec: ImageSpec,
+    graph: ClosureGraph,
+    meta: Sequence[Mapping[str, Any]],
+    image: manifest.Blob,
+) -> tuple[Referrer, list[manifest.Blob]]:
+    """The image's SBOM: its document, the empty config and the artifact manifest (last)."""
+    # Imported here: cyclonedx takes ~0.2 s to import, and a build whose image (and so
+    # SBOM) is stored already never needs it.
+    from niximage_builder import sbom
+
+    document = manifest.Blob(sbom.MEDIA_TYPE, sbom.document(spec, graph, meta, image.digest))
+    artifact = manifest.artifact_manifest(sbom.MEDIA_TYPE, document, sbom.TITLE, image)
+    empty = manifest.Blob(manifest.OCI_EMPTY, manifest.EMPTY_CONFIG_DATA)
+    about = Referrer(
+        artifactType=sbom.MEDIA_TYPE,
+        manifestDigest=str(artifact.digest),
+        blobs=[str(empty.digest), str(document.digest)],
+    )
+    return about, [empty, document, artifact]
+
+
+def _stored_sbom(storage: Storage, subject: Digest) -> Referrer | None:
+    """The SBOM an earlier build linked to this image, if its artifact manifest reads."""
+    for descriptor in referrers.listed(storage, subject):
+        if descriptor.get("artifactType") != inspection.SBOM_TYPE:
+            continue
+        try:
+            artifact = inspection.read_json(storage, Digest.parse(str(descriptor["digest"])))
+            blobs = [artifact["config"]["digest"], *(d["digest"] for d in artifact["layers"])]
+            return Referrer(
+                artifactType=inspection.SBOM_TYPE,
+                manifestDigest=str(descriptor["digest"]),
+                blobs=[str(Digest.parse(str(d))) for d in blobs],
+            )
+        except (NixImageError, KeyError, TypeError):
+            continue  # gone or damaged: written anew
+    return None
 
 
 def _secure(
@@ -298,7 +356,14 @@ def build_image(
             obtained = held.enter_context(sourcing.obtain(spec, nix, cancel))
             lease = held.enter_context(gc.Lease(storage, f"build {key}"))
             result, timings = assemble(
-                spec, obtained.graph, storage, options, progress, lease, obtained.contents
+                spec,
+                obtained.graph,
+                storage,
+                options,
+                progress,
+                lease,
+                obtained.contents,
+                obtained.meta,
             )
         except NixImageError as error:
             _record_failure(storage, spec, error, started)
@@ -407,6 +472,7 @@ def _write_index(
             configDigest=str(image.configDigest),
             imageSize=image.imageSize,
             layers=[layer.digest for layer in image.layers],
+            referrers=image.referrers,
         )
         for spec, image in zip(index.images, images, strict=True)
     ]

@@ -23,6 +23,8 @@ class StorePath:
     references: tuple[str, ...]
     """Other store paths this one refers to, sorted, without itself."""
     nar_size: int
+    nar_hash: str = ""
+    """The NAR's sha256 as Nix wrote it (SRI, ``sha256:<base32>`` or hex); "" if unknown."""
 
     @property
     def name(self) -> str:
@@ -100,7 +102,8 @@ def parse_entries(raw: Any) -> dict[str, StorePath]:
         try:
             path = str(item["path"])
             refs = tuple(sorted({str(r) for r in item.get("references", ()) if r != path}))
-            nodes[path] = StorePath(path, refs, int(item["narSize"]))
+            nar_hash = str(item.get("narHash") or "")
+            nodes[path] = StorePath(path, refs, int(item["narSize"]), nar_hash)
         except (KeyError, TypeError, ValueError) as exc:
             raise InvalidInput(f"closure graph: malformed entry {str(item)[:200]}") from exc
     return nodes

@@ -1,4 +1,4 @@
-"""The builder's subcommands of ``niximage``: plan, build, export, layers.
+"""The builder's subcommands of ``niximage``: plan, build, export, sbom, diff, layers.
 
 Imports the builder's pipeline and the core; the ``niximage`` command line
 (``niximage_cli``) adds these to its parser with ``register`` and maps errors to exit
@@ -15,10 +15,12 @@ from pathlib import Path
 from typing import Any
 
 from niximage_builder import build, export, layering, nixcli, plan, popularity, sourcing
-from niximage_core import imagespec, layout, reference, resource, sources
+from niximage_core import imagespec, inspection, layout, reference, resource, sources
+from niximage_core.digest import Digest
 from niximage_core.errors import InvalidInput, NixImageError
 from niximage_core.result import BuildError, BuildResult
 from niximage_core.storage import factory
+from niximage_core.storage.base import Storage
 
 DEFAULT_SOURCE_ENV = "NIXIMAGE_PACKAGE_SOURCE"
 DEFAULT_STORAGE = os.environ.get("NIXIMAGE_STORAGE", ".niximage")
@@ -95,7 +97,7 @@ def nix_settings(args: argparse.Namespace, timeout: float) -> nixcli.NixSettings
 
 
 def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    """Add plan, build, export and layers to the ``niximage`` parser."""
+    """Add plan, build, export, sbom, diff and layers to the ``niximage`` parser."""
     plan_parser = commands.add_parser("plan", help="resolve packages and show the closure")
     _add_spec_arguments(plan_parser)
     plan_parser.add_argument("--json", action="store_true", help="print JSON")
@@ -121,6 +123,18 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
     export_parser.add_argument("directory", metavar="OCI_DIR")
     export_parser.add_argument("--storage", default=DEFAULT_STORAGE, help="DIR or gs://BUCKET")
     export_parser.set_defaults(run=run_export)
+
+    sbom_parser = commands.add_parser("sbom", help="print an image's SBOM (CycloneDX JSON)")
+    sbom_parser.add_argument("ref", metavar="REF", help="REPOSITORY[:TAG] or REPOSITORY@DIGEST")
+    _add_inspection_arguments(sbom_parser)
+    sbom_parser.set_defaults(run=run_sbom)
+
+    diff_parser = commands.add_parser("diff", help="what changed between two images")
+    diff_parser.add_argument("old", metavar="OLD", help="REPOSITORY[:TAG] or REPOSITORY@DIGEST")
+    diff_parser.add_argument("new", metavar="NEW", help="the same, for the newer image")
+    _add_inspection_arguments(diff_parser)
+    diff_parser.add_argument("--json", action="store_true", help="print JSON")
+    diff_parser.set_defaults(run=run_diff)
 
     layers_parser = commands.add_parser("layers", help="plan the layers of a closure graph")
     layers_parser.add_argument("graph", metavar="GRAPH.json")
@@ -249,6 +263,38 @@ def run_export(args: argparse.Namespace) -> int:
     finally:
         store.close()
     print(json.dumps({"digest": str(digest), "layout": args.directory}))
+    return 0
+
+
+def _add_inspection_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--storage", default=DEFAULT_STORAGE, help="DIR or gs://BUCKET")
+    parser.add_argument("--arch", help="the platform of an image index (default amd64)")
+
+
+def _platform_image(store: Storage, text: str, arch: str | None) -> Digest:
+    digest = inspection.resolve(store, reference.ImageRef.parse(text))
+    return inspection.platform_image(store, digest, arch)
+
+
+def run_sbom(args: argparse.Namespace) -> int:
+    store = factory.open_storage(args.storage)
+    try:
+        document = inspection.sbom(store, _platform_image(store, args.ref, args.arch))
+    finally:
+        store.close()
+    print(json.dumps(document, indent=2, sort_keys=True))
+    return 0
+
+
+def run_diff(args: argparse.Namespace) -> int:
+    store = factory.open_storage(args.storage)
+    try:
+        old = _platform_image(store, args.old, args.arch)
+        new = _platform_image(store, args.new, args.arch)
+        change = inspection.diff_images(store, old, new)
+    finally:
+        store.close()
+    print(json.dumps(change.to_json(), indent=2) if args.json else change.render())
     return 0
 
 

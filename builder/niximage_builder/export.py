@@ -12,28 +12,18 @@ import json
 import os
 from pathlib import Path
 
-from niximage_core import layout, manifest
+from niximage_core import inspection, manifest
 from niximage_core.digest import Digest
-from niximage_core.errors import NotFound, StorageError
+from niximage_core.errors import StorageError
 from niximage_core.reference import ImageRef
 from niximage_core.storage.base import Storage, iter_chunks
 
 LAYOUT_VERSION = {"imageLayoutVersion": "1.0.0"}
 
 
-def resolve(storage: Storage, ref: ImageRef) -> Digest:
-    if ref.digest is not None:
-        return ref.digest
-    assert ref.tag is not None
-    digest = layout.read_tag(storage, ref.repository, ref.tag)
-    if digest is None:
-        raise NotFound(f"no tag {ref} in {storage.url}")
-    return digest
-
-
 def export_layout(storage: Storage, ref: ImageRef, directory: Path) -> Digest:
     """Write (or add to) an OCI layout; the image is named by its tag in index.json."""
-    digest = resolve(storage, ref)
+    digest = inspection.resolve(storage, ref)
     (directory / "blobs" / "sha256").mkdir(parents=True, exist_ok=True)
     media_type, size = _copy_manifest(storage, digest, directory, nested=False)
     (directory / "oci-layout").write_text(json.dumps(LAYOUT_VERSION))

@@ -19,6 +19,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from niximage_builder import closure
 from niximage_core.errors import (
@@ -96,6 +97,8 @@ class Realised:
     timings: dict[str, float]
     derivations_built: int = 0
     """Derivations Nix built from source (not substituted) for this image."""
+    meta: tuple[dict[str, Any], ...] = ()
+    """The requested packages' versions and ``meta`` (``package_meta``), for the SBOM."""
 
 
 @dataclass(frozen=True)
@@ -110,6 +113,28 @@ class Output:
     def installable(self) -> str:
         """What ``nix-store --realise`` takes to make just this output."""
         return f"{self.drv_path}!{self.output}"
+
+
+@dataclass(frozen=True)
+class Evaluated:
+    outputs: list[Output]
+    meta: tuple[dict[str, Any], ...]
+
+
+_META = re.compile(r"^trace: niximage-meta:(\[.*\])$", re.MULTILINE)
+
+
+def package_meta(stderr: str) -> tuple[dict[str, Any], ...]:
+    """The requested packages' versions and ``meta`` as prepare-image.nix traces them
+    (one JSON line; absent from an older prepare-image.nix: then none). Pure."""
+    found = _META.search(stderr)
+    if found is None:
+        return ()
+    try:
+        described = json.loads(found.group(1))
+    except ValueError:
+        return ()
+    return tuple(d for d in described if isinstance(d, dict))
 
 
 _TO_BUILD = re.compile(r"these (\d+) derivations will be built|(this derivation will be built)")
@@ -275,15 +300,16 @@ def realise(
         graph,
         {"nixBuild": built - started, "closure": time.monotonic() - built},
         derivations_built(stderr),
+        package_meta(stderr),
     )
 
 
 def evaluate(
     spec: ImageSpec, settings: NixSettings, cancel: threading.Event | None = None
-) -> list[Output]:
-    """The spec's packages' store paths and derivations, without building anything."""
+) -> Evaluated:
+    """The spec's packages' store paths, derivations and meta, without building anything."""
     image = _image_args(spec, settings)
-    stdout, _ = run_nix(
+    stdout, stderr = run_nix(
         # --read-write-mode: --eval alone is read-only, so a package set not yet in the
         # store (an empty builder) would not be copied in and its paths "are not valid".
         ["nix-instantiate", "--eval", "--strict", "--json", "--read-write-mode", *image[:1],
@@ -293,7 +319,8 @@ def evaluate(
     )  # fmt: skip
     try:
         found = json.loads(stdout)
-        return [Output(str(o["path"]), str(o["drvPath"]), str(o["output"])) for o in found]
+        outputs = [Output(str(o["path"]), str(o["drvPath"]), str(o["output"])) for o in found]
+        return Evaluated(outputs, package_meta(stderr))
     except (ValueError, KeyError, TypeError) as exc:
         why = f"prepare-image.nix gave unexpected outputs: {stdout[:200]}"
         raise NixFailure("EvalError", why) from exc

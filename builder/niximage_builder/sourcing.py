@@ -18,7 +18,7 @@ import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from niximage_builder import nixcli
 from niximage_builder.closure import ClosureGraph, StorePath
@@ -37,6 +37,8 @@ class Obtained:
     derivations_built: int
     downloads: Downloads | None
     """What came from the caches' NARs (None without caches); filled in while packing."""
+    meta: tuple[dict[str, Any], ...] = ()
+    """The requested packages' versions and ``meta`` (``nixcli.package_meta``)."""
 
 
 @contextlib.contextmanager
@@ -51,7 +53,12 @@ def obtain(
     if not settings.substituters:
         realised = nixcli.realise(spec, settings, cancel)
         yield Obtained(
-            realised.graph, LocalStore(), realised.timings, realised.derivations_built, None
+            realised.graph,
+            LocalStore(),
+            realised.timings,
+            realised.derivations_built,
+            None,
+            realised.meta,
         )
         return
     from niximage_builder.binarycache.closure import query_closure
@@ -61,7 +68,8 @@ def obtain(
     keys = TrustedKeys.parse(settings.trusted_public_keys)
     caches = [BinaryCache(url, settings.netrc_file) for url in settings.substituters]
     started = time.monotonic()
-    outputs = nixcli.evaluate(spec, settings, cancel)
+    evaluation = nixcli.evaluate(spec, settings, cancel)
+    outputs = evaluation.outputs
     evaluated = time.monotonic()
     roots = sorted({o.path for o in outputs})
     absent = nixcli.invalid_paths(roots, settings, cancel)
@@ -80,7 +88,7 @@ def obtain(
         "closure": time.monotonic() - realised,
     }
     with CacheContents(remote, LocalStore(), spool_dir) as contents:
-        yield Obtained(graph, contents, timings, built, contents.downloads)
+        yield Obtained(graph, contents, timings, built, contents.downloads, evaluation.meta)
 
 
 def _reaches(root: str, known: CacheClosure, gaps: set[str]) -> bool:
@@ -115,6 +123,6 @@ def _merge(
         remote[path] = known.found[path]
         info = remote[path].info
         refs = tuple(ref for ref in info.references if ref != path)
-        nodes[path] = StorePath(path, refs, info.nar_size)
+        nodes[path] = StorePath(path, refs, info.nar_size, f"sha256:{info.nar_hash.hex()}")
         stack.extend(refs)
     return ClosureGraph(tuple(roots), nodes), remote

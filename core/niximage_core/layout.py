@@ -89,15 +89,22 @@ def record_tag(storage: Storage, repository: str, tag: str, result: BuildResult)
     # The manifest first: gc's safety argument needs it touched before what it names.
     missing = gc.touch_all(storage, [manifest_digest]) or gc.touch_all(storage, rest)
     if not missing:
-        link = revision_path(repository, manifest_digest)
-        if storage.read(link) is None:
-            storage.write(link, result.manifestDigest.encode())
+        # The image and the artifacts about it (its SBOM) become pullable by digest here.
+        for digest in [manifest_digest, *_referrer_manifests(result)]:
+            link = revision_path(repository, digest)
+            if storage.read(link) is None:
+                storage.write(link, str(digest).encode())
         return
     _put_back(storage, path, previous)
     raise StorageError(
         f"cannot tag {repository}:{tag}: blob {missing[0]} of the image was garbage-collected "
         "since it was built; build it again"
     )
+
+
+def _referrer_manifests(result: BuildResult) -> list[Digest]:
+    found = [*result.referrers, *(ref for p in result.platforms for ref in p.referrers)]
+    return [Digest.parse(ref.manifestDigest) for ref in found]
 
 
 def _put_back(storage: Storage, path: str, previous: bytes | None) -> None:

@@ -23,6 +23,11 @@ DOCKER_MANIFEST = "application/vnd.docker.distribution.manifest.v2+json"
 DOCKER_LIST = "application/vnd.docker.distribution.manifest.list.v2+json"
 DOCKER_CONFIG = "application/vnd.docker.container.image.v1+json"
 MANIFEST_TYPES = (OCI_MANIFEST, OCI_INDEX, DOCKER_MANIFEST, DOCKER_LIST)
+OCI_EMPTY = "application/vnd.oci.empty.v1+json"
+EMPTY_CONFIG_DATA = b"{}"
+"""The OCI 1.1 empty descriptor's blob: the config of an artifact that needs none."""
+ANNOTATION_CREATED = "org.opencontainers.image.created"
+ANNOTATION_TITLE = "org.opencontainers.image.title"
 
 LAYER_TYPES = {
     ("oci", "gzip"): "application/vnd.oci.image.layer.v1.tar+gzip",
@@ -158,3 +163,44 @@ def media_type_of(manifest_bytes: bytes) -> str | None:
         return None
     media_type = value.get("mediaType") if isinstance(value, dict) else None
     return media_type if media_type in MANIFEST_TYPES else None
+
+
+def artifact_manifest(
+    artifact_type: str,
+    document: Blob,
+    title: str,
+    subject: Blob,
+) -> Blob:
+    """An OCI 1.1 artifact: one ``document`` about ``subject`` (an SBOM about an image),
+    with the empty config, found through the referrers API. Canonical like every manifest."""
+    artifact = {
+        "schemaVersion": 2,
+        "mediaType": OCI_MANIFEST,
+        "artifactType": artifact_type,
+        "config": Blob(OCI_EMPTY, EMPTY_CONFIG_DATA).descriptor(),
+        "layers": [{**document.descriptor(), "annotations": {ANNOTATION_TITLE: title}}],
+        "subject": subject.descriptor(),
+        "annotations": {ANNOTATION_CREATED: CREATED},
+    }
+    return Blob(OCI_MANIFEST, canonical_json(artifact))
+
+
+def referrer_descriptor(artifact: Blob) -> dict[str, Any]:
+    """How the referrers API lists an artifact: its descriptor with ``artifactType`` and
+    the manifest's annotations (OCI distribution spec 1.1)."""
+    doc = json.loads(artifact.data)
+    descriptor = {**artifact.descriptor(), "artifactType": doc["artifactType"]}
+    if doc.get("annotations"):
+        descriptor["annotations"] = doc["annotations"]
+    return descriptor
+
+
+def referrers_index(descriptors: Sequence[dict[str, Any]]) -> Blob:
+    """The referrers API's answer (and the fallback tag's manifest): an image index of the
+    referrers' descriptors, ordered by digest so the same set has the same bytes."""
+    index = {
+        "schemaVersion": 2,
+        "mediaType": OCI_INDEX,
+        "manifests": sorted(descriptors, key=lambda d: str(d.get("digest", ""))),
+    }
+    return Blob(OCI_INDEX, canonical_json(index))

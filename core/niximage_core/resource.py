@@ -1,6 +1,6 @@
 """The NixImage resource as a user writes it (``kubectl apply -f``), parsed with pydantic.
 
-Pure; imports imagespec, sources, names, reference. The CLI's ``build -f`` and the
+Pure; imports imagespec, sources, names, reference, units. The CLI's ``build -f`` and the
 operator read the same file the same way, so a manifest that builds locally builds in
 the cluster.
 """
@@ -18,11 +18,41 @@ from pydantic import (
     model_validator,
 )
 
-from niximage_core import imagespec, names, reference, sources
+from niximage_core import imagespec, names, reference, sources, units
 from niximage_core.errors import InvalidInput
 
 API_VERSION = "niximage.dev/v1alpha1"
 KIND = "NixImage"
+HISTORY_LIMIT_MAX = 100
+
+
+class Follow(BaseModel):
+    """Follow the package source's moving reference (a git branch or ref, a nixpkgs
+    channel): the operator resolves it to a commit every ``interval``, builds that commit
+    when it moved, and moves the tag once the build succeeds."""
+
+    model_config = ConfigDict(extra="forbid", defer_build=True)
+
+    enabled: bool = True
+    """The switch: false keeps the last revision (and the field's settings)."""
+    interval: str = "1h"
+    historyLimit: int = Field(default=10, ge=1, le=HISTORY_LIMIT_MAX)
+    """Revisions kept in ``status.history``."""
+
+    @field_validator("interval")
+    @classmethod
+    def _interval(cls, value: str) -> str:
+        try:
+            seconds = units.parse_duration(value)
+        except InvalidInput as exc:
+            raise ValueError(str(exc)) from None
+        if seconds <= 0:
+            raise ValueError("the interval must be positive")
+        return value
+
+    @property
+    def interval_seconds(self) -> float:
+        return units.parse_duration(self.interval)
 
 
 class NixImageSpec(BaseModel):
@@ -38,6 +68,7 @@ class NixImageSpec(BaseModel):
     must also be accepted by the API server. The text form is for ``--package-source``."""
     format: imagespec.ManifestFormat = "oci"
     compression: imagespec.Compression = "gzip"
+    follow: Follow | None = None
 
     @field_validator("packages")
     @classmethod

@@ -36,6 +36,18 @@ class LayerResult(BaseModel):
     """True when the layer was already in storage: neither packed nor uploaded."""
 
 
+class Referrer(BaseModel):
+    """An artifact stored about the image (its SBOM): an OCI manifest whose ``subject`` is
+    the image manifest, and the blobs it names, so gc and tags keep them with the image."""
+
+    model_config = ConfigDict(frozen=True, defer_build=True)
+
+    artifactType: str
+    manifestDigest: str
+    blobs: list[str]
+    """The artifact's config and documents."""
+
+
 class PlatformResult(BaseModel):
     """One platform of an image index: its own build (``builds/<buildKey>``) and image."""
 
@@ -48,6 +60,7 @@ class PlatformResult(BaseModel):
     imageSize: int
     layers: list[str]
     """The image's layer digests, so the index result names every blob it relies on."""
+    referrers: list[Referrer] = Field(default_factory=list)
 
 
 class BuildError(BaseModel):
@@ -94,6 +107,8 @@ class BuildResult(BaseModel):
     """Their bytes as the caches served them (compressed)."""
     timings: dict[str, float] = Field(default_factory=dict)
     """Seconds per phase: nixBuild, closure, layering, packing, manifest, total."""
+    referrers: list[Referrer] = Field(default_factory=list)
+    """Artifacts about this image: its SBOM (docs/architecture.md#sboms-and-referrers)."""
     platforms: list[PlatformResult] = Field(default_factory=list)
     """For an image index (``manifestDigest`` is the index's): each platform's image."""
     error: BuildError | None = None

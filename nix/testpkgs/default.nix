@@ -97,10 +97,16 @@ let
   };
 
   # --- programs --------------------------------------------------------------------------
+  # Version and meta as nixpkgs gives them (attributes of the derivation, not of its
+  # environment, so the store path does not change): what an image's SBOM reports.
   jq = mkDebian {
     name = "jq";
     copy = [{ debs = [ "jq" ]; root = "/usr/bin"; to = "bin"; }];
     deps = [ libjq ];
+  } // {
+    pname = "jq";
+    version = "1.6";
+    meta = { license = { spdxId = "MIT"; shortName = "mit"; }; homepage = "https://jqlang.github.io/jq/"; description = "A lightweight and flexible command-line JSON processor"; };
   };
 
   openssl = mkDebian {
@@ -220,7 +226,12 @@ let
     };
   };
 
-  python3 = python3Unwrapped // { pkgs = python3Packages; };
+  python3 = python3Unwrapped // {
+    pkgs = python3Packages;
+    pname = "python3";
+    version = "3.11.2";
+    meta = { license = { spdxId = "Python-2.0"; }; homepage = "https://www.python.org"; description = "A high-level dynamically-typed programming language"; };
+  };
 
   # The Mozilla CA certificates that Debian ships, concatenated as nixpkgs' cacert does.
   cacert = if noarch != null then noarch.cacert else mkPackage {

@@ -1,6 +1,6 @@
 """The NixImage status: phase, conditions, image references, events. Pure.
 
-Imports specs, observations, and the builder's result model and units. Follows the
+Imports specs, observations, and the core's result model, closure diffs and units. Follows the
 Kubernetes API conventions (sig-architecture's api-conventions.md, "Typical status properties"):
 ``Ready`` (positive polarity, for
 ``kubectl wait``) and ``Building``, each with a CamelCase reason and a message that says
@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
+from niximage_core.closurediff import ClosureDiff
 from niximage_core.result import BuildResult
 from niximage_core.units import format_bytes
 from niximage_operator.observations import BuildFailure, PodObservation, format_time
@@ -23,9 +24,10 @@ from niximage_operator.specs import Target
 READY = "Ready"
 BUILDING = "Building"
 OUR_CONDITIONS = (READY, BUILDING)
-GOOD_REASONS = ("Succeeded", "BuilderPending", "Building")
+GOOD_REASONS = ("Succeeded", "BuilderPending", "Building", "ResolvingRevision")
 """Reasons that are news, not trouble: their events are Normal, the others Warnings."""
 MAX_MESSAGE = 32768
+CHANGES_LISTED = 20
 LARGEST_LAYERS = 5
 NO_POD = {"builderPod": None, "builderPhase": None}
 """``builderPod`` and ``builderPhase`` are written by the pod handler alone, as the pair it
@@ -67,10 +69,43 @@ def _pair(ready: bool, reason: str, message: str, building: bool) -> tuple[Condi
     )
 
 
-def invalid(message: str) -> Report:
-    ready, building = _pair(False, "InvalidSpec", message, building=False)
+def invalid(message: str, reason: str = "InvalidSpec") -> Report:
+    """A spec the operator refuses (``InvalidSpec``), or whose package source its policy
+    does not allow (``SourceNotAllowed``): no pod, until the spec changes."""
+    ready, building = _pair(False, reason, message, building=False)
     fields = {"missingPackages": None, "buildKey": None, **NO_POD}
     return Report("Failed", ready, building, fields)
+
+
+def resolving(message: str, unresolved: bool) -> Report:
+    """A followed NixImage whose reference has no revision yet (``spec.follow``): nothing
+    to build until the follow loop resolves it, or says why it cannot."""
+    reason = "RevisionUnresolved" if unresolved else "ResolvingRevision"
+    ready_condition, building = _pair(False, reason, message, building=False)
+    return Report("Pending", ready_condition, building, {"missingPackages": None, **NO_POD})
+
+
+def closure_change(summary: ClosureDiff, old: str, new: str) -> dict[str, Any]:
+    """``status.lastChange``: what a rebuild changed, short enough for a status (the full
+    list is ``niximage diff``'s)."""
+    return {
+        "from": old,
+        "to": new,
+        "summary": summary.summary(),
+        "changed": [
+            {"name": c.new.name, "oldVersion": c.old.version, "newVersion": c.new.version}
+            for c in summary.changed[:CHANGES_LISTED]
+        ],
+        "added": [{"name": p.name, "version": p.version} for p in summary.added[:CHANGES_LISTED]],
+        "removed": [
+            {"name": p.name, "version": p.version} for p in summary.removed[:CHANGES_LISTED]
+        ],
+        "bytesAdded": summary.bytes_added,
+        "bytesRemoved": summary.bytes_removed,
+        "layersReused": summary.layers.reused if summary.layers else 0,
+        "layersNew": summary.layers.new if summary.layers else 0,
+        "bytesToPull": summary.layers.new_bytes if summary.layers else 0,
+    }
 
 
 def storage_unavailable(message: str) -> Report:

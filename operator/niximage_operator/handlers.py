@@ -14,6 +14,9 @@ registry when imported (running.py imports it). Every handler finds its settings
 - Transient trouble (a retry after backoff, a wait for a build slot, storage) raises
   ``kopf.TemporaryError`` with a delay; permanent failures are reported and not raised,
   so nothing retries until the spec changes.
+- NixImages with ``spec.follow`` are tracked for the operator's follow loop (running.py),
+  which writes ``status.follow``; a new revision (or a resolution problem) wakes the
+  reconcile.
 - No finalizer: deleting a NixImage, its namespace, or uninstalling the operator first
   never waits for the operator. ``forget`` removes the tags of a NixImage the watch shows
   deleted; the sweep (ownership.py) removes those of NixImages deleted while no operator
@@ -65,6 +68,8 @@ def _pods_of(index: kopf.Index[Any, Any]) -> reconciling.PodsOf:
 @kopf.on.update(*NIXIMAGES, field="spec")
 @kopf.on.field(*NIXIMAGES, field="status.builderPod")
 @kopf.on.field(*NIXIMAGES, field="status.builderPhase")
+@kopf.on.field(*NIXIMAGES, field="status.follow.revision")
+@kopf.on.field(*NIXIMAGES, field="status.follow.message")
 async def reconcile(
     *, body: kopf.Body, patch: kopf.Patch, memo: Any, retry: int, **kwargs: Any
 ) -> None:
@@ -76,6 +81,20 @@ async def reconcile(
         lambda: [pod for store in pods.values() for pod in store],
         retry,
     )
+    _report(body, patch, memo, outcome)
+    if outcome.retry_after is not None:
+        raise kopf.TemporaryError(outcome.retry_message, delay=outcome.retry_after)
+
+
+@kopf.on.event(*NIXIMAGES)
+async def track_followed(*, type: str, body: kopf.Body, memo: Any, **_: Any) -> None:
+    """The NixImages with ``spec.follow`` on, for the operator's follow loop (running.py):
+    a kopf timer would put a finalizer on them, and deleting a NixImage never waits for
+    the operator."""
+    reconciling.track_followed(memo.context, body, type == "DELETED")
+
+
+def _report(body: kopf.Body, patch: kopf.Patch, memo: Any, outcome: reconciling.Reconciled) -> None:
     for name, value in outcome.status.items():
         patch.status[name] = value
     for event in outcome.events:
@@ -83,8 +102,6 @@ async def reconcile(
         post(body, reason=event.reason, message=event.message)
         kind = "Warning" if event.warning else "Normal"
         memo.context.metrics.condition_changes.labels(event.reason, kind).inc()
-    if outcome.retry_after is not None:
-        raise kopf.TemporaryError(outcome.retry_message, delay=outcome.retry_after)
 
 
 def _deleted(*, type: str, **_: Any) -> bool:

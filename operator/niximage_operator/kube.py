@@ -13,8 +13,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import socket
 from collections.abc import Callable, Mapping
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any
 
 import pykube
@@ -160,6 +161,56 @@ class Kube:
                 if exc.status != 409:
                     raise
         return False
+
+    async def patch_image_status(
+        self, namespace: str, name: str, status: Mapping[str, Any]
+    ) -> None:
+        """Merge ``status`` into a NixImage's ``/status`` (gone already: nothing to do)."""
+        path = f"namespaces/{namespace}/{podspec.PLURAL}/{name}/status"
+        try:
+            await self._call(
+                "patch",
+                version=podspec.API_VERSION,
+                url=path,
+                data=json.dumps({"status": status}),
+                headers={"Content-Type": MERGE_PATCH},
+            )
+        except KubeError as exc:
+            if exc.status != 404:
+                raise
+
+    async def post_event(
+        self, involved: Mapping[str, Any], warning: bool, reason: str, message: str
+    ) -> None:
+        """A core/v1 Event about ``involved`` (a NixImage), as kopf posts them: for news
+        that comes from the operator's own loops rather than from a handler."""
+        metadata = involved.get("metadata") or {}
+        namespace = metadata.get("namespace")
+        now = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+        event = {
+            "apiVersion": "v1",
+            "kind": "Event",
+            "metadata": {"generateName": f"{metadata.get('name')}.", "namespace": namespace},
+            "involvedObject": {
+                "apiVersion": podspec.API_VERSION,
+                "kind": "NixImage",
+                "name": metadata.get("name"),
+                "namespace": namespace,
+                "uid": metadata.get("uid"),
+            },
+            "type": "Warning" if warning else "Normal",
+            "reason": reason,
+            "message": message[:1024],
+            "source": {"component": podspec.MANAGED_BY},
+            "reportingComponent": podspec.MANAGED_BY,
+            "reportingInstance": socket.gethostname(),
+            "firstTimestamp": now,
+            "lastTimestamp": now,
+            "count": 1,
+        }
+        await self._call(
+            "post", version="v1", namespace=namespace, url="events", data=json.dumps(event)
+        )
 
     # plain objects (pull Secrets and their service account: niximage_operator.pullsecrets)
 

@@ -10,25 +10,37 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import logging
 import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
-from niximage_core import layout
+from niximage_core import closurediff, inspection, layout, resource
 from niximage_core.digest import Digest
 from niximage_core.errors import InvalidInput, NixImageError
 from niximage_core.result import BuildResult
 from niximage_core.storage import factory
 from niximage_core.storage.base import Storage
-from niximage_operator import conditions, decisions, observations, ownership, podspec, specs
+from niximage_operator import (
+    conditions,
+    decisions,
+    gitremote,
+    observations,
+    ownership,
+    podspec,
+    specs,
+    tracking,
+)
 from niximage_operator.kube import AlreadyExists, Kube, KubeError
 from niximage_operator.metrics import Metrics
 from niximage_operator.observations import BuildFailure, PodObservation
 from niximage_operator.pullsecrets import PullSecrets
 from niximage_operator.settings import OperatorSettings
+from niximage_operator.sourcepolicy import SourceNotAllowed
 
+log = logging.getLogger(__name__)
 RESERVATION_TTL = 120.0
 """Seconds a pod we created counts as running before the watch has shown it to us."""
 KUBE_RETRY_DELAY = 10.0
@@ -81,11 +93,16 @@ class Context:
     clock: Callable[[], datetime] = field(default=lambda: datetime.now(UTC))
     metrics: Metrics = field(default_factory=Metrics)
     pull_secrets: PullSecrets | None = None
+    followed: dict[tuple[str, str], dict[str, Any]] = field(default_factory=dict)
+    """NixImages with ``spec.follow`` on, by (namespace, name), as last seen."""
 
     @classmethod
     def open(cls, settings: OperatorSettings) -> Context:
         sources = specs.PackageSources.configure(
-            settings.default_package_source, settings.package_sources
+            settings.default_package_source,
+            settings.package_sources,
+            settings.follow_min_interval,
+            settings.allowed_sources,
         )
         kube = Kube.from_environment()
         pull_secrets = None
@@ -131,7 +148,7 @@ def index_image(body: Mapping[str, Any], sources: specs.PackageSources) -> dict[
     """The by-build-key index entry of a NixImage (none for an invalid spec)."""
     try:
         target = specs.resolve(body, sources)
-    except InvalidInput:
+    except (InvalidInput, specs.AwaitingRevision):
         return {}
     status = body.get("status") or {}
     builder = (status.get("builderPod"), status.get("builderPhase"))
@@ -157,8 +174,13 @@ async def reconcile(
     generation = int((body.get("metadata") or {}).get("generation") or 0)
     try:
         target = specs.resolve(body, ctx.package_sources)
+    except SourceNotAllowed as exc:
+        report = conditions.invalid(str(exc), "SourceNotAllowed")
+        return _finish(ctx, old, report, None, generation)
     except InvalidInput as exc:
         return _finish(ctx, old, conditions.invalid(str(exc)), None, generation)
+    except specs.AwaitingRevision as exc:
+        return _finish(ctx, old, _resolving(old, str(exc)), None, generation)
     try:
         outcome = await _reconcile_target(ctx, body, target, old, pods_of, all_pods, retry)
     except NixImageError as exc:  # storage, seen by the operator itself
@@ -261,7 +283,7 @@ async def _follow(
         case decisions.UseResult(result=result, pod=pod, attempts=attempts):
             await asyncio.to_thread(_record_tag, ctx.storage, target, result, old)
             report = conditions.ready(target, result, pod, attempts, ctx.settings.registry)
-            return _finish(ctx, old, report, target)
+            return await _summarised(ctx, target, old, result, _finish(ctx, old, report, target))
         case decisions.Wait(pod=pod, attempts=attempts):
             await _adopt(ctx, body, pod)
             return _finish(ctx, old, conditions.waiting(pod, attempts), target)
@@ -272,8 +294,168 @@ async def _follow(
         case decisions.Fail(failure=failure, pod=pod, attempts=attempts):
             if pod is not None:
                 await _adopt(ctx, body, pod)
-            return _finish(ctx, old, conditions.failed(failure, pod, attempts), target)
+            if target.revision is not None and old.get("digest"):
+                # A newer revision that does not build: the tag stays, and says so.
+                failure = dataclasses.replace(
+                    failure,
+                    message=f"revision {target.revision[:12]}: {failure.message}; the tag "
+                    f"still names {old['digest']}",
+                )
+            done = _finish(ctx, old, conditions.failed(failure, pod, attempts), target)
+            entry = {"outcome": "Failed", "message": failure.message[:1000]}
+            return _with_history(ctx, target, old, done, entry)
     raise AssertionError(f"unexpected decision {decision!r}")
+
+
+async def _summarised(
+    ctx: Context,
+    target: specs.Target,
+    old: Mapping[str, Any],
+    result: BuildResult,
+    done: Reconciled,
+) -> Reconciled:
+    """A Ready that moved the image to a new digest: its closure diff in
+    ``status.lastChange`` and an event; and, when following, the revision's history entry."""
+    before, after = old.get("digest"), result.manifestDigest
+    summary = ""
+    if isinstance(before, str) and after and before != after:
+        arch = target.architectures[0]
+        change = await asyncio.to_thread(_closure_change, ctx.storage, before, after, arch)
+        if change is not None:
+            summary = change.summary()
+            moved = f"revision {target.revision[:12]}: " if target.revision else ""
+            event = conditions.Event(False, "ClosureChanged", f"{moved}{summary}")
+            status = {**done.status, "lastChange": conditions.closure_change(change, before, after)}
+            done = dataclasses.replace(done, status=status, events=[*done.events, event])
+    entry = {"outcome": "Succeeded", "digest": after, "message": summary}
+    return _with_history(ctx, target, old, done, entry)
+
+
+def _closure_change(
+    storage: Storage, before: str, after: str, arch: str
+) -> closurediff.ClosureDiff | None:
+    """The diff of two images' closures, from their SBOMs; None when one has none (built
+    before niximage wrote them) or storage cannot say: the diff is news, not a condition."""
+    try:
+        old_image = inspection.platform_image(storage, Digest.parse(before), arch)
+        new_image = inspection.platform_image(storage, Digest.parse(after), arch)
+        return inspection.diff_images(storage, old_image, new_image)
+    except NixImageError as exc:
+        log.info("no closure diff of %s → %s: %s", before, after, exc)
+        return None
+
+
+def _with_history(
+    ctx: Context,
+    target: specs.Target,
+    old: Mapping[str, Any],
+    done: Reconciled,
+    entry: Mapping[str, Any],
+) -> Reconciled:
+    """Add the followed revision's outcome to ``status.history`` (once per revision)."""
+    if target.revision is None or target.follow is None:
+        return done
+    full = {"revision": target.revision, "time": observations.format_time(ctx.clock()), **entry}
+    history = tracking.with_entry(
+        old.get("history") or [], {k: v for k, v in full.items() if v}, target.follow.historyLimit
+    )
+    if history is None:
+        return done
+    return dataclasses.replace(done, status={**done.status, "history": history})
+
+
+def _resolving(old: Mapping[str, Any], message: str) -> conditions.Report:
+    """Before the first revision: why there is none yet, if the follow loop said."""
+    problem = ((old.get("follow") or {}).get("message")) or ""
+    if problem:
+        return conditions.resolving(f"{problem}; trying again every interval", True)
+    return conditions.resolving(message, False)
+
+
+FOLLOWERS = 8
+"""References resolved at once (each a ``git ls-remote``)."""
+
+
+def track_followed(ctx: Context, body: Mapping[str, Any], deleted: bool) -> None:
+    """Keep ``ctx.followed`` (the NixImages with ``spec.follow`` on) as the watch shows
+    them; ``follow_all`` works through it."""
+    metadata = body.get("metadata") or {}
+    key = (str(metadata.get("namespace")), str(metadata.get("name")))
+    follow_spec = (body.get("spec") or {}).get("follow")
+    following = isinstance(follow_spec, Mapping) and follow_spec.get("enabled", True) is not False
+    if deleted or not following:
+        ctx.followed.pop(key, None)
+        return
+    ctx.followed[key] = {
+        k: body.get(k) for k in ("apiVersion", "kind", "metadata", "spec", "status")
+    }
+
+
+async def follow_all(ctx: Context) -> None:
+    """One pass of ``follow`` over every followed NixImage, a few at a time; what it finds
+    goes to each one's status and events (a failure is logged; the next pass tries again)."""
+    limit = asyncio.Semaphore(FOLLOWERS)
+
+    async def one(body: Mapping[str, Any]) -> None:
+        metadata = body.get("metadata") or {}
+        async with limit:
+            outcome = await follow(ctx, body)
+            if outcome.status:
+                await ctx.kube.patch_image_status(
+                    str(metadata.get("namespace")), str(metadata.get("name")), outcome.status
+                )
+            for event in outcome.events:
+                await ctx.kube.post_event(body, event.warning, event.reason, event.message)
+
+    outcomes = await asyncio.gather(
+        *(one(body) for body in list(ctx.followed.values())), return_exceptions=True
+    )
+    for outcome in outcomes:
+        if isinstance(outcome, KubeError | NixImageError):
+            log.warning("following a package source: %s", outcome)
+        elif isinstance(outcome, BaseException):
+            raise outcome
+
+
+async def follow(ctx: Context, body: Mapping[str, Any]) -> Reconciled:
+    """Resolve a followed NixImage's reference when its interval has passed; the new
+    revision goes to ``status.follow.revision``, which wakes the reconcile."""
+    status = body.get("status") or {}
+    try:
+        image = resource.parse_resource(
+            {key: body.get(key) for key in ("apiVersion", "kind", "metadata", "spec")}
+        )
+        source = ctx.package_sources.resolve(image.spec.packageSource)
+    except InvalidInput:
+        return Reconciled({}, [])  # the reconcile reports the spec's problem
+    follow_spec = image.spec.follow
+    reference = tracking.moving_reference(source, ctx.settings.nixpkgs_git)
+    if follow_spec is None or not follow_spec.enabled or reference is None:
+        return Reconciled({}, [])
+    state = status.get("follow") or {}
+    now = ctx.clock()
+    if not tracking.due(state, source, follow_spec.interval_seconds, now):
+        return Reconciled({}, [])
+    checked = observations.format_time(now)
+    try:
+        revision = await asyncio.to_thread(gitremote.resolve, reference, ctx.settings.git_timeout)
+    except gitremote.RevisionUnresolved as exc:
+        events = []
+        if state.get("message") != str(exc):
+            events = [conditions.Event(True, "RevisionUnresolved", str(exc))]
+        failed = {"source": str(source), "checkedAt": checked, "message": str(exc)}
+        if state.get("source") != str(source):
+            failed["revision"] = None  # another source's commit
+        return Reconciled({"follow": failed}, events)
+    previous = state.get("revision") if state.get("source") == str(source) else None
+    events = []
+    if previous and previous != revision:
+        message = (
+            f"{reference.ref} of {reference.url} moved from {previous[:12]} to {revision[:12]}"
+        )
+        events = [conditions.Event(False, "RevisionMoved", f"{message}; building it")]
+    patch = {"source": str(source), "revision": revision, "checkedAt": checked, "message": None}
+    return Reconciled({"follow": patch}, events)
 
 
 async def _start(

@@ -22,6 +22,10 @@ from niximage_operator.pullsecrets import PullSecrets
 from niximage_operator.settings import OperatorSettings
 
 COMPONENT = "niximage-operator"
+FOLLOW_TICK = 5.0
+"""Seconds between passes over followed NixImages; each resolves its reference only once its
+own ``spec.follow.interval`` has passed, so this bounds the lateness, not the rate."""
+
 logger = logging.getLogger(__name__)
 
 
@@ -63,6 +67,7 @@ async def operate(
     collection runs beside kopf in the same event loop."""
     context = context or reconciling.Context.open(config)
     sweeper = asyncio.create_task(_sweep_forever(context, config.sweep_interval))
+    follower = asyncio.create_task(_follow_forever(context, FOLLOW_TICK))
     renewer: asyncio.Task[None] | None = None
     if context.pull_secrets is not None:
         every = min(config.sweep_interval, config.pull_token_seconds / 4)
@@ -92,7 +97,7 @@ async def operate(
         if metrics_server is not None:
             metrics_server.shutdown()
             metrics_server.server_close()
-        for task in (sweeper, collector, renewer):
+        for task in (sweeper, follower, collector, renewer):
             if task is not None:
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
@@ -109,6 +114,17 @@ async def _sweep_forever(context: reconciling.Context, interval: float) -> None:
         except (NixImageError, KubeError) as exc:
             logger.warning("sweep for tags of deleted NixImages failed: %s", exc)
         await asyncio.sleep(interval)
+
+
+async def _follow_forever(context: reconciling.Context, tick: float) -> None:
+    """Followed NixImages: every ``tick``, resolve each reference whose own interval has
+    passed (``reconciling.follow``)."""
+    while True:
+        await asyncio.sleep(tick)
+        try:
+            await reconciling.follow_all(context)
+        except Exception:  # a bug must not stop following for the operator's lifetime
+            logger.exception("following package sources failed")
 
 
 async def _renew_pull_secrets_forever(secrets: PullSecrets, interval: float) -> None:

@@ -46,6 +46,10 @@ class OperatorSettings(BaseSettings):
     package_sources: Annotated[list[str], NoDecode] = Field(default_factory=list)
     """More pinned ``path:`` sources the builder image holds (comma-separated in the
     environment); a NixImage may name them by path."""
+    allowed_sources: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    """Package sources NixImages may ask for (comma-separated rules of ``sourcepolicy``:
+    ``nixpkgs:{commit}``, ``git:https://git.example/*#{commit}``, ``nixpkgs:nixos-24.05``);
+    the default source and ``package_sources`` always. Empty: nixpkgs commits only."""
 
     builder_image: str
     """The image builder pods run: the operator's own image, which has ``niximage`` and Nix."""
@@ -124,6 +128,15 @@ class OperatorSettings(BaseSettings):
     """Seconds between sweeps for tags of NixImages deleted while no operator watched (the
     first runs at start)."""
 
+    follow_min_interval: float = Field(default=60.0, gt=0)
+    """The shortest ``spec.follow.interval`` accepted (seconds, or a duration): each check
+    is one ``git ls-remote`` and a status write per NixImage."""
+    nixpkgs_git: str = "https://github.com/NixOS/nixpkgs.git"
+    """Where a followed ``nixpkgs:<channel>`` is resolved (the channel is its branch); a
+    mirror with the same branches for clusters without GitHub."""
+    git_timeout: float = Field(default=30.0, gt=0)
+    """Seconds one ``git ls-remote`` may take."""
+
     pull_secrets: bool = False
     """Keep a pull Secret (``niximage-pull``) in every namespace that has NixImages, for a
     registry that checks service account tokens (``niximage serve --auth-kubernetes``);
@@ -135,7 +148,8 @@ class OperatorSettings(BaseSettings):
     """Lifetime of the pull Secrets' tokens; each is renewed when half of it has passed."""
 
     @field_validator(
-        "package_sources", "builder_command", "builder_image_pull_secrets", "namespaces",
+        "package_sources", "allowed_sources", "builder_command", "builder_image_pull_secrets",
+        "namespaces",
         "substituters", "trusted_public_keys", mode="before",
     )  # fmt: skip
     @classmethod
@@ -145,7 +159,7 @@ class OperatorSettings(BaseSettings):
             return [part.strip() for part in value.split(",") if part.strip()]
         return value
 
-    @field_validator("gc_interval", "gc_grace", mode="before")
+    @field_validator("gc_interval", "gc_grace", "follow_min_interval", mode="before")
     @classmethod
     def _duration(cls, value: Any) -> Any:
         if isinstance(value, str):

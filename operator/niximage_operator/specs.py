@@ -1,24 +1,31 @@
 """What a NixImage asks for: its spec resolved into the builder's image spec and build key.
 
-Pure; imports the builder's resource, sources, imagespec and errors modules only. The
+Pure; imports the core's resource, sources, imagespec and errors modules, and tracking. The
 operator never runs Nix, yet its build key must equal the one ``niximage build`` computes
 in the pod, or a cached result is never found and a shared build is never shared. So the
 package source is resolved here to exactly what the builder will use: a ``path:`` source
 must be one the operator is configured with, pinned by its NAR hash, and every source
-must survive the trip through the builder's command line unchanged.
+must survive the trip through the builder's command line unchanged. A followed source
+(``spec.follow``) is pinned to the revision the operator last resolved it to
+(``status.follow.revision``).
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 from niximage_core import imagespec, reference, resource, sources
 from niximage_core.errors import InvalidInput
+from niximage_core.resource import Follow
 from niximage_core.sources import PathSource
+from niximage_operator import tracking
+from niximage_operator.sourcepolicy import SourcePolicy
 
 Source = sources.PathSource | sources.NixpkgsSource | sources.GitSource
+_COMMIT = re.compile(r"[0-9a-f]{40}")
 
 
 @dataclass(frozen=True)
@@ -28,9 +35,19 @@ class PackageSources:
     default: Source
     paths: tuple[PathSource, ...]
     """Pinned local sources present in the builder image, by path."""
+    follow_min_interval: float = 60.0
+    """The shortest ``spec.follow.interval`` accepted."""
+    policy: SourcePolicy | None = None
+    """Which sources NixImages may ask for (None: any)."""
 
     @classmethod
-    def configure(cls, default: str, extra_paths: Iterable[str] = ()) -> PackageSources:
+    def configure(
+        cls,
+        default: str,
+        extra_paths: Iterable[str] = (),
+        follow_min_interval: float = 60.0,
+        allowed: Iterable[str] = (),
+    ) -> PackageSources:
         """Parse the operator's configuration; raises ``InvalidInput`` naming the problem."""
         parsed_default = sources.parse_source(default)
         parsed = [sources.parse_source(text) for text in extra_paths]
@@ -46,7 +63,8 @@ class PackageSources:
                     f"<narHash> (nix hash path --type sha256 --sri {source.path})"
                 )
             paths.setdefault(source.path, source)
-        return cls(default=parsed_default, paths=tuple(paths.values()))
+        policy = SourcePolicy.configure(allowed, [parsed_default, *paths.values()])
+        return cls(parsed_default, tuple(paths.values()), follow_min_interval, policy)
 
     def resolve(self, requested: Mapping[str, Any] | str | None) -> Source:
         """The source a builder uses for ``spec.packageSource`` (None: the default)."""
@@ -58,7 +76,7 @@ class PackageSources:
             )
         )
         if isinstance(source, PathSource):
-            source = self._known_path(source)
+            source = self._known_path(source)  # only the paths it offers: its own policy
         # The builder gets the source as text (--package-source); a source whose text form
         # reads back differently (a git rev *and* ref) would build under another key.
         if sources.parse_source(str(source)) != source:
@@ -66,6 +84,8 @@ class PackageSources:
                 f"package source {source} is ambiguous on the builder's command line: "
                 "give a git rev or a ref, not both"
             )
+        if requested is not None and self.policy is not None:
+            self.policy.check(source)
         return source
 
     def _known_path(self, source: PathSource) -> PathSource:
@@ -96,6 +116,11 @@ class Target:
     """One image, or an index of one image per architecture."""
     key: str
     tag: str
+    follow: Follow | None = None
+    """``spec.follow`` when it is on."""
+    revision: str | None = None
+    """The commit the followed reference resolved to (``status.follow.revision``), which
+    ``spec.source`` is pinned to."""
 
     @property
     def repository(self) -> str:
@@ -126,8 +151,19 @@ def resolve(body: Mapping[str, Any], package_sources: PackageSources) -> Target:
         raise InvalidInput("a NixImage in a cluster must have a namespace")
     try:
         source = package_sources.resolve(image.spec.packageSource)
-    except InvalidInput as exc:
-        raise InvalidInput(f"spec.packageSource: {exc}") from exc
+    except InvalidInput as exc:  # the same kind (SourceNotAllowed is its own reason)
+        raise type(exc)(f"spec.packageSource: {exc}") from exc
+    follow = image.spec.follow
+    revision = _followed_revision(body, source)
+    if follow is not None and follow.enabled:
+        tracking.check(follow, source, package_sources.follow_min_interval)
+        if revision is None:
+            raise AwaitingRevision(f"resolving {source} for the first time")
+    if follow is not None and revision is not None and tracking.moving_reference(source):
+        # Off, the last revision stays: turning following off does not rebuild.
+        source = tracking.pinned(source, revision)
+    else:
+        revision = None
     spec = imagespec.make_target(
         image.spec.packages,
         source,
@@ -145,4 +181,21 @@ def resolve(body: Mapping[str, Any], package_sources: PackageSources) -> Target:
         spec=spec,
         key=spec.build_key(),
         tag=image.spec.tag,
+        follow=follow if follow is not None and follow.enabled else None,
+        revision=revision,
     )
+
+
+class AwaitingRevision(Exception):
+    """A followed NixImage whose reference the operator has not resolved yet: nothing to
+    build until the follow loop writes ``status.follow.revision``."""
+
+
+def _followed_revision(body: Mapping[str, Any], source: Source) -> str | None:
+    """``status.follow.revision``, if it is a revision of this very source (a changed
+    ``spec.packageSource`` must be resolved anew, not built at the old one's commit)."""
+    state = ((body.get("status") or {}).get("follow")) or {}
+    if not isinstance(state, Mapping) or state.get("source") != str(source):
+        return None
+    revision = state.get("revision")
+    return revision if isinstance(revision, str) and _COMMIT.fullmatch(revision) else None

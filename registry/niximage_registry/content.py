@@ -30,9 +30,9 @@ from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from concurrent.futures import Executor
 from dataclasses import dataclass
-from typing import BinaryIO, Generic, TypeVar
+from typing import Any, BinaryIO, Generic, TypeVar
 
-from niximage_core import layout, manifest, revisions
+from niximage_core import layout, manifest, referrers, revisions
 from niximage_core.digest import Digest
 from niximage_core.errors import InvalidInput, NotFound, StorageError
 from niximage_core.gc.marking import manifest_references
@@ -310,6 +310,16 @@ class Content:
         ]
         linked = revisions.list_revisions(self.storage, repository)
         return list(dict.fromkeys([*(d for d in tagged if d is not None), *linked]))
+
+    # referrers
+
+    async def referrers(self, repository: str, subject: Digest) -> list[dict[str, Any]]:
+        """The artifacts about ``subject`` that ``repository`` serves (so a client can fetch
+        each one it is told of): the referrers API's descriptors."""
+        if not await self.repository_exists(repository):
+            return []
+        found = await self.run(referrers.listed, self.storage, subject)
+        return [d for d in found if await self.serves(repository, Digest.parse(d["digest"]))]
 
     # manifests
 

@@ -66,7 +66,7 @@ def parse(path: str) -> Target:
         if section == "blobs":
             return Target(Kind.BLOB, _name(parts[:-2]), digest=_digest(last, Code.BLOB_UNKNOWN))
         if section == "referrers":
-            return Target(Kind.REFERRERS, _name(parts[:-2]))
+            return Target(Kind.REFERRERS, _name(parts[:-2]), digest=_subject(last))
     raise no_route()
 
 
@@ -94,6 +94,14 @@ def _manifest(name: str, ref: str) -> Target:
         raise RegistryError(
             Code.TAG_INVALID, f"invalid tag {ref[:140]!r}", {"tag": ref[:300]}
         ) from None
+
+
+def _subject(text: str) -> Digest | None:
+    """A referrers request's subject: None for a well-formed sha512 (nothing stored has one,
+    so it has no referrers: an empty answer, as the spec wants, not a 404)."""
+    if _SHA512.fullmatch(text):
+        return None
+    return _digest(text, Code.MANIFEST_UNKNOWN)
 
 
 def _digest(text: str, unknown: Code) -> Digest:

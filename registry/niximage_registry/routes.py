@@ -23,6 +23,9 @@ from urllib.parse import quote
 
 from aiohttp import web
 
+from niximage_core import manifest
+from niximage_core.digest import Digest
+from niximage_core.errors import InvalidInput
 from niximage_registry import auth, kubeauth, paths
 from niximage_registry.blobs import Blobs
 from niximage_registry.blobs import unknown as unknown_blob
@@ -39,6 +42,9 @@ USER = web.RequestKey("user", str)
 API_VERSION = {"Docker-Distribution-Api-Version": "registry/2.0"}
 MAX_PAGE = 10_000
 T = TypeVar("T")
+_TOKEN = r"[A-Za-z0-9][A-Za-z0-9!#$&^_.+-]{0,126}"
+_MEDIA_TYPE = re.compile(f"{_TOKEN}/{_TOKEN}")
+"""RFC 6838's type/subtype grammar, as the spec asks of an ``artifactType``."""
 _HOST = re.compile(r"[A-Za-z0-9.\-]{1,253}(:[0-9]{1,5})?|\[[0-9A-Fa-f:.]{2,45}\](:[0-9]{1,5})?")
 
 
@@ -79,13 +85,18 @@ class Registry:
             return await self.blob(request, target)
         if kind is paths.Kind.TAGS:
             return await self.tags(request, target)
-        # Referrers API not implemented: a 404 makes clients use the tag schema instead.
-        raise paths.no_route()
+        return await self.referrers(request, target)
 
     async def manifest(self, request: web.Request, target: paths.Target) -> web.StreamResponse:
         name = target.name
         if target.tag is not None:
             digest = await self.content.tag(name, target.tag)
+            if digest is None and (subject := _fallback_subject(target.tag)) is not None:
+                listed = await self.content.referrers(name, subject)
+                if listed:
+                    index = manifest.referrers_index(listed)
+                    found = Manifest(index.digest, index.data, index.media_type)
+                    return self._manifest_response(request, found)
             if digest is None:
                 if self.ondemand is not None and self.ondemand.accepts(target.tag):
                     digest = await self.ondemand.ensure(name, target.tag)
@@ -156,6 +167,28 @@ class Registry:
                     headers["Link"] = f'</v2/{target.name}/tags/list?{query}>; rel="next"'
         body = json.dumps({"name": target.name, "tags": tags}).encode()
         return web.Response(body=body, content_type="application/json", headers=headers)
+
+    async def referrers(self, request: web.Request, target: paths.Target) -> web.Response:
+        """OCI 1.1 referrers: an image index of the artifacts about a manifest (its SBOM),
+        filtered by ``artifactType`` when asked; empty, never 404, when there are none."""
+        wanted = request.query.get("artifactType")
+        if wanted is not None and not _MEDIA_TYPE.fullmatch(wanted):
+            raise RegistryError(
+                Code.REQUEST_INVALID,
+                f"invalid artifactType {wanted[:100]!r}: expected a media type",
+                {"artifactType": wanted[:300]},
+            )
+        listed = []
+        if target.digest is not None:
+            listed = await self.content.referrers(target.name, target.digest)
+        headers = {}
+        if wanted is not None:
+            listed = [d for d in listed if d.get("artifactType") == wanted]
+            headers["OCI-Filters-Applied"] = "artifactType"
+        index = manifest.referrers_index(listed)
+        if request.method == "GET":
+            self.metrics.sent("referrers", len(index.data))
+        return web.Response(body=index.data, content_type=manifest.OCI_INDEX, headers=headers)
 
     # authentication
 
@@ -348,6 +381,18 @@ def page_size(text: str) -> int:
             Code.PAGINATION_NUMBER_INVALID, f"n must be an integer from 0 to {MAX_PAGE}"
         )
     return value
+
+
+def _fallback_subject(tag: str) -> Digest | None:
+    """The manifest a referrers tag (``sha256-<hex>``, the spec's fallback for clients
+    without the referrers API) is about, or None for any other tag."""
+    algorithm, _, hex_ = tag.partition("-")
+    if algorithm != "sha256":
+        return None
+    try:
+        return Digest(hex_)
+    except InvalidInput:
+        return None
 
 
 def unknown_name(name: str) -> RegistryError:

@@ -91,6 +91,8 @@ def kube(
         {
             "storage.type": "filesystem",
             "packageSource.default": _pinned_testpkgs(),
+            # The follow tests' local git repositories (tests/cluster/test_follow.py).
+            "packageSource.allowed[0]": "git:file:///*",
             "registry.host": REGISTRY,
             # Pull authorisation by service account tokens: the operator keeps pull Secrets.
             "registry.auth.enabled": "true",
@@ -117,6 +119,8 @@ def kube(
             "NIXIMAGE_OPERATOR_STORAGE": str(storage),
             "NIXIMAGE_STORAGE": str(storage),
             "NIXIMAGE_OPERATOR_LIVENESS": f"http://127.0.0.1:{_free_port()}/healthz",
+            # spec.follow at test speed (the chart's minimum is 1m).
+            "NIXIMAGE_OPERATOR_FOLLOW_MIN_INTERVAL": "1s",
         },
         kubeconfig.parent / "operator.log",
     )

@@ -127,7 +127,9 @@ def missing_blobs(storage: Storage, manifest_digest: Digest) -> list[Digest]:
 
 
 def result_blobs(result: BuildResult) -> set[Digest]:
+    """The image's blobs and its SBOM's (manifest, empty config, document)."""
     named = [result.manifestDigest, result.configDigest, *(lay.digest for lay in result.layers)]
+    named += [d for ref in result.referrers for d in (ref.manifestDigest, *ref.blobs)]
     return {Digest.parse(d) for d in named if d}
 
 

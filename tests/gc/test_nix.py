@@ -47,8 +47,11 @@ def niximage_gc(*args: str) -> subprocess.CompletedProcess[str]:
 
 
 def image_blobs(result: dict[str, Any]) -> set[Digest]:
+    """The image's blobs and its SBOM's."""
     named = [result["manifestDigest"], result["configDigest"]]
-    return {Digest.parse(d) for d in named + [layer["digest"] for layer in result["layers"]]}
+    named += [layer["digest"] for layer in result["layers"]]
+    named += [d for ref in result["referrers"] for d in (ref["manifestDigest"], *ref["blobs"])]
+    return {Digest.parse(d) for d in named}
 
 
 def test_dry_run_lists_exactly_the_blobs_only_the_untagged_image_used(store: Store) -> None:
@@ -83,4 +86,5 @@ def test_dry_run_lists_exactly_the_blobs_only_the_untagged_image_used(store: Sto
     again = niximage_json("build", "bash", "jq", "--storage", url, "--rebuild")
     assert again["manifestDigest"] == one["manifestDigest"]
     reused = {Digest.parse(layer["digest"]) for layer in again["layers"] if layer["reused"]}
-    assert reused == image_blobs(one) & image_blobs(two)
+    layers = {Digest.parse(layer["digest"]) for layer in one["layers"]}
+    assert reused == image_blobs(one) & image_blobs(two) & layers

@@ -27,7 +27,9 @@ def settings(**overrides: Any) -> OperatorSettings:
 
 
 def sources(*extra: str) -> specs.PackageSources:
-    return specs.PackageSources.configure(SOURCE, extra)
+    """The sample sources, allowing any nixpkgs or git source (test_sourcepolicy has the
+    allow-list)."""
+    return specs.PackageSources.configure(SOURCE, extra, allowed=["nixpkgs:*", "git:*"])
 
 
 def body(

@@ -178,8 +178,11 @@ INVALID = [
 ]
 
 
-# The operator offers /opt/pkgs, so a spec naming it resolves.
-OFFERED = specs.PackageSources.configure(f"path:/opt/pkgs#{NAR_HASH}")
+# The operator offers /opt/pkgs, so a spec naming it resolves; and it allows every nixpkgs
+# and git source (the allow-list is test_sourcepolicy's).
+OFFERED = specs.PackageSources.configure(
+    f"path:/opt/pkgs#{NAR_HASH}", allowed=["nixpkgs:*", "git:*"]
+)
 
 
 @pytest.mark.parametrize("spec", VALID)

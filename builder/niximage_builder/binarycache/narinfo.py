@@ -19,6 +19,7 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from niximage_builder.binarycache import nixbase32
+from niximage_builder.binarycache.nixbase32 import parse_sha256
 from niximage_core.errors import InvalidInput, SubstituteError
 
 STORE_DIR = "/nix/store"
@@ -43,23 +44,6 @@ def hash_part(store_path: str) -> str:
     if store_path != f"{STORE_DIR}/{base}" or not _BASENAME.fullmatch(base):
         raise InvalidInput(f"{store_path[:200]!r} is not a store path")
     return base[:32]
-
-
-def parse_sha256(text: str) -> bytes:
-    """``sha256:<base32>``, ``sha256:<hex>`` or ``sha256-<base64>`` (SRI) → 32 bytes."""
-    if text.startswith("sha256-"):
-        try:
-            raw = base64.b64decode(text[7:], validate=True)
-        except binascii.Error as exc:
-            raise ValueError(f"bad SRI hash {text[:80]!r}") from exc
-    elif text.startswith("sha256:"):
-        body = text[7:]
-        raw = bytes.fromhex(body) if len(body) == 64 else nixbase32.decode(body, 32)
-    else:
-        raise ValueError(f"not a sha256 hash: {text[:80]!r}")
-    if len(raw) != 32:
-        raise ValueError(f"not a sha256 hash: {text[:80]!r}")
-    return raw
 
 
 @dataclass(frozen=True)

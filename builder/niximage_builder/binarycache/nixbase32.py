@@ -1,10 +1,14 @@
-"""Nix's base-32: the hash encoding of store paths, narinfo ``NarHash`` and ``FileHash``.
+"""Nix's base-32: the hash encoding of store paths, narinfo ``NarHash`` and ``FileHash``;
+and ``parse_sha256`` for every form Nix writes a sha256 in.
 
 Pure. Not RFC 4648: its own alphabet (no e, o, t, u) and the bytes read from the end, so
 no library writes it; Nix's ``libutil/hash.cc`` is the reference.
 """
 
 from __future__ import annotations
+
+import base64
+import binascii
 
 ALPHABET = "0123456789abcdfghijklmnpqrsvwxyz"
 _VALUES = {char: value for value, char in enumerate(ALPHABET)}
@@ -43,3 +47,20 @@ def decode(text: str, size: int) -> bytes:
         elif carry:
             raise ValueError("base-32 hash has bits beyond its size")
     return bytes(out)
+
+
+def parse_sha256(text: str) -> bytes:
+    """``sha256:<base32>``, ``sha256:<hex>`` or ``sha256-<base64>`` (SRI) → 32 bytes."""
+    if text.startswith("sha256-"):
+        try:
+            raw = base64.b64decode(text[7:], validate=True)
+        except binascii.Error as exc:
+            raise ValueError(f"bad SRI hash {text[:80]!r}") from exc
+    elif text.startswith("sha256:"):
+        body = text[7:]
+        raw = bytes.fromhex(body) if len(body) == 64 else decode(body, 32)
+    else:
+        raise ValueError(f"not a sha256 hash: {text[:80]!r}")
+    if len(raw) != 32:
+        raise ValueError(f"not a sha256 hash: {text[:80]!r}")
+    return raw

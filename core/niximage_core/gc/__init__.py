@@ -7,6 +7,8 @@ What is kept (mark):
   layers, or for an index (OCI index, Docker manifest list) its manifests, recursively;
 - every *recent* successful build result ``builds/<key>``, one whose manifest blob was written
   or touched within the grace period: its manifest, config and layers;
+- every artifact about a kept manifest (its SBOM: ``referrers/<subject>/<artifact>`` links,
+  read with the roots), and what the artifact references;
 - every digest a live lease names (``gc/leases/<id>``: a build in progress);
 - every blob younger than the grace period, referenced or not.
 
@@ -16,8 +18,9 @@ What goes (sweep), in this order, so that a name goes before what it names:
    Failures stay: they hold no blobs, carry no timestamp, and tell the operator not to retry.
 2. Blobs that are not marked and older than the grace period.
 3. ``layers/<key>`` entries whose blob is gone (a cache: a wrong deletion costs a repack),
-   and revision links ``revisions/<repository>/_manifests/<hex>`` whose manifest is gone
-   (they are not roots: they only scope pulls by digest to the repositories that had it).
+   revision links ``revisions/<repository>/_manifests/<hex>`` whose manifest is gone
+   (they are not roots: they only scope pulls by digest to the repositories that had it),
+   and referrer links whose artifact or subject is gone.
 4. Expired leases, and temporary uploads older than the grace period (crashed writers).
 
 ``--dry-run`` marks and lists what the sweep would delete, deleting nothing.

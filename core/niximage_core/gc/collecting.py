@@ -26,6 +26,7 @@ from niximage_core.gc.marking import (
 )
 from niximage_core.gc.reports import Report
 from niximage_core.gc.roots import READERS, LeaseRecord, Roots, read_all, read_roots, result_digests
+from niximage_core.referrers import link_path, parse_link
 from niximage_core.result import BuildResult
 from niximage_core.revisions import REVISIONS_ROOT, revision_digest
 from niximage_core.storage.base import Storage
@@ -77,7 +78,9 @@ class _Collector:
         for lease in live:
             blobs.extend(lease.digests)
         self.lease_keys = {lease.key for lease in live}
-        self.reachable, missing = self.marker.mark(manifests, blobs, self.blobs)
+        self.reachable, missing = self.marker.mark(
+            manifests, blobs, self.blobs, self.roots.referrers
+        )
         self._report_roots(live, missing)
         checkpoint("gc.marked", reachable=len(self.reachable))
 
@@ -167,6 +170,26 @@ class _Collector:
             if digest is None or digest in doomed or digest not in self.blobs:
                 dead.append(key)
         return dead
+
+    def dead_referrer_links(self, doomed: Mapping[Digest, int]) -> list[str]:
+        """Referrer links whose artifact or subject is doomed or missing."""
+        return sorted(
+            link_path(subject, referrer)
+            for subject, found in self.roots.referrers.items()
+            for referrer in found
+            if any(d in doomed or d not in self.blobs for d in (subject, referrer))
+        )
+
+    def delete_referrer_links(self, keys: list[str]) -> list[str]:
+        deleted = []
+        for key in keys:
+            parsed = parse_link(key)
+            # Only if the artifact or its subject is gone now (built again meanwhile?).
+            if parsed is not None and all(self.storage.blob_size(d) is not None for d in parsed):
+                continue
+            self.storage.delete(key)
+            deleted.append(key)
+        return deleted
 
     def delete_revisions(self, keys: list[str]) -> list[str]:
         deleted = []
@@ -282,6 +305,7 @@ def collect(storage: Storage, grace: float = DEFAULT_GRACE, dry_run: bool = Fals
         report.builds = old_builds
         report.layers = run.dead_layer_entries(doomed)
         report.revisions = run.dead_revisions(doomed)
+        report.referrers = run.dead_referrer_links(doomed)
         report.leases = expired
         report.uploads = count_stale_uploads(storage, grace)
     else:
@@ -289,6 +313,7 @@ def collect(storage: Storage, grace: float = DEFAULT_GRACE, dry_run: bool = Fals
         report.blobs = run.delete_blobs(doomed)
         report.layers = run.delete_layer_entries(run.dead_layer_entries(report.blobs))
         report.revisions = run.delete_revisions(run.dead_revisions(report.blobs))
+        report.referrers = run.delete_referrer_links(run.dead_referrer_links(report.blobs))
         for key in expired:
             storage.delete(key)
         report.leases = expired

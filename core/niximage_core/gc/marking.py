@@ -71,10 +71,16 @@ class Marker:
         return References() if len(data) > MANIFEST_LIMIT else manifest_references(data)
 
     def mark(
-        self, manifests: Iterable[Digest], blobs: Iterable[Digest], sizes: Mapping[Digest, BlobInfo]
+        self,
+        manifests: Iterable[Digest],
+        blobs: Iterable[Digest],
+        sizes: Mapping[Digest, BlobInfo],
+        referrers: Mapping[Digest, Iterable[Digest]] | None = None,
     ) -> tuple[set[Digest], set[Digest]]:
         """Every digest reachable from the roots, and the manifests among them that are
-        missing. ``blobs`` are roots that are never read (leased digests, layers)."""
+        missing. ``blobs`` are roots that are never read (leased digests, layers); a
+        reachable manifest's ``referrers`` (its SBOM) are reachable manifests too."""
+        referrers = referrers or {}
         reachable = set(blobs)
         missing: set[Digest] = set()
         seen: set[Digest] = set()
@@ -91,6 +97,7 @@ class Marker:
                     continue
                 reachable.update(refs.blobs)
                 level.update(d for d in refs.manifests if d not in seen)
+                level.update(d for d in referrers.get(digest, ()) if d not in seen)
         return reachable, missing
 
 

@@ -31,6 +31,8 @@ class Report:
     builds: list[str] = field(default_factory=list)
     layers: list[str] = field(default_factory=list)
     revisions: list[str] = field(default_factory=list)
+    referrers: list[str] = field(default_factory=list)
+    """Referrer links whose artifact or subject went."""
     leases: list[str] = field(default_factory=list)
     uploads: int = 0
     restored: int = 0
@@ -62,6 +64,7 @@ class Report:
             "builds": self.builds,
             "layers": self.layers,
             "revisions": self.revisions,
+            "referrers": self.referrers,
             "leases": self.leases,
             "uploads": self.uploads,
             "restored": self.restored,
@@ -79,7 +82,7 @@ class Report:
             f"{self.tags} tags, {self.recent_builds} recent builds, {self.live_leases} leases",
             f"{verb}: {len(self.blobs)} blobs ({format_bytes(self.bytes)}), "
             f"{len(self.builds)} build results, {len(self.layers)} layer entries, "
-            f"{len(self.revisions)} revision links, "
+            f"{len(self.revisions)} revision links, {len(self.referrers)} referrer links, "
             f"{len(self.leases)} expired leases, {self.uploads} stale uploads",
         ]
         if self.spared:

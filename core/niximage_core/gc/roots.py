@@ -4,7 +4,7 @@ writes and refreshes one for a build). Storage round trips go a few at a time:
 ``parallel`` maps over up to ``READERS`` threads, ``read_all`` reads metadata objects that
 way. Errors propagate (rule G3: an unreadable root is never taken for "no references").
 
-Imports digest, errors, result and the storage interface.
+Imports digest, errors, result, referrers and the storage interface.
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any
 
+from niximage_core import referrers
 from niximage_core.digest import Digest
 from niximage_core.errors import InvalidInput
 from niximage_core.result import BuildResult
@@ -218,6 +219,8 @@ class Roots:
     broken_leases: list[str]
     invalid: list[str] = field(default_factory=list)
     """Tags and build results that could not be parsed (kept, reported)."""
+    referrers: dict[Digest, list[Digest]] = field(default_factory=dict)
+    """Subject manifest → the artifacts about it (``referrers/``): kept while it is."""
 
 
 def read_roots(storage: Storage) -> Roots:
@@ -249,13 +252,17 @@ def read_roots(storage: Storage) -> Roots:
             continue
         builds[key] = result
     leases, broken = read_leases(storage)
-    return Roots(started, tags, builds, leases, broken, invalid)
+    links = referrers.all_links(storage)
+    return Roots(started, tags, builds, leases, broken, invalid, links)
 
 
 def result_digests(result: BuildResult) -> list[Digest]:
-    """The blobs a successful result names: manifest, config, layers; for an image index,
-    the index, then each platform's manifest, config and layers."""
+    """The blobs a successful result names: manifest, config, layers, then its referrers'
+    manifests and blobs (the SBOM); for an image index, the index, then each platform's
+    manifest, config, layers and referrers."""
     named = [result.manifestDigest, result.configDigest, *(layer.digest for layer in result.layers)]
+    named += [d for ref in result.referrers for d in (ref.manifestDigest, *ref.blobs)]
     for platform in result.platforms:
         named += [platform.manifestDigest, platform.configDigest, *platform.layers]
+        named += [d for ref in platform.referrers for d in (ref.manifestDigest, *ref.blobs)]
     return [Digest.parse(d) for d in named if d]

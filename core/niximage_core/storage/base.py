@@ -38,6 +38,7 @@ def check_key(key: str) -> str:
         raise InvalidInput(f"invalid storage key: {key[:200]!r}")
     if parts[0] not in (
         "layers", "builds", "tags", "owners", "revisions", "registry", "gc", "listings",
+        "referrers",
     ):  # fmt: skip
         raise InvalidInput(f"invalid storage key prefix: {key[:200]!r}")
     return key
