@@ -379,7 +379,7 @@ def build_image(
                 "bytesDownloaded": fetched.file_bytes if fetched else 0,
             }
         )
-        storage.write(layout.build_key_path(key), result.to_json())
+        layout.record_result(storage, result)
         gc.checkpoint("build.recorded", key=key)
     return result
 
@@ -407,7 +407,7 @@ def _record_failure(
         timings={"total": time.monotonic() - started},
     )
     with contextlib.suppress(NixImageError):
-        storage.write(layout.build_key_path(failed.buildKey), failed.to_json())
+        layout.record_result(storage, failed)  # never over another builder's success
 
 
 def build_index(
@@ -438,7 +438,7 @@ def build_index(
             result = _write_index(index, images, storage, lease)
             timings = {"total": time.monotonic() - started}
             result = result.model_copy(update={"timings": timings})
-            storage.write(layout.build_key_path(key), result.to_json())
+            layout.record_result(storage, result)
             gc.checkpoint("build.recorded", key=key)
     except NixImageError as error:
         _record_failure(storage, index, error, started)

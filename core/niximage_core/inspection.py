@@ -26,7 +26,7 @@ def resolve(storage: Storage, ref: ImageRef) -> Digest:
     if ref.digest is not None:
         return ref.digest
     assert ref.tag is not None
-    digest = layout.read_tag(storage, ref.repository, ref.tag)
+    digest = layout.read_tag(storage, ref.repository, ref.tag, with_pulls=True)
     if digest is None:
         raise NotFound(f"no tag {ref} in {storage.url}")
     return digest

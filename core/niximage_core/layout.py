@@ -7,6 +7,7 @@ without importing it. The layout (docs/architecture.md#storage-layout):
 
     builds/<build key>                         the build result (JSON), or the error
     tags/<repository>/_tags/<tag>              the manifest digest a tag points at
+    tags/_pulls/<repository>/_tags/<tag>       the same, for tags on-demand pulls recorded
     revisions/<repository>/_manifests/<hex>    a manifest the repository was ever tagged with
 """
 
@@ -30,23 +31,46 @@ starts components with a letter or digit), so ``shell`` tag ``git`` and ``shell/
 ``latest`` never collide, and a key is never also a directory on the filesystem backend."""
 
 
-def tag_prefix(repository: str) -> str:
-    """``tags/<repository>/_tags/``: every tag of one repository is listed under it."""
+PULLS_DIR = "_pulls"
+"""Under ``tags/``: the tags on-demand pulls record (``niximage serve --on-demand``), apart
+from those of NixImages and ``niximage build --tag``, so that a pull of ``team/app:latest``
+never claims the tag of NixImage ``app`` in namespace ``team``. No repository begins with
+``_``, so the two never share a key; where both hold a tag, the NixImage's wins."""
+
+
+def tag_prefix(repository: str, pulled: bool = False) -> str:
+    """``tags/<repository>/_tags/`` (``tags/_pulls/…`` for pulls): one repository's tags."""
     reference.check_repository(repository)
-    return f"tags/{repository}/{TAGS_DIR}/"
+    return f"tags/{PULLS_DIR + '/' if pulled else ''}{repository}/{TAGS_DIR}/"
 
 
-def tag_path(repository: str, tag: str) -> str:
+def tag_path(repository: str, tag: str, pulled: bool = False) -> str:
     reference.check_tag(tag)
-    return check_key(tag_prefix(repository) + tag)
+    return check_key(tag_prefix(repository, pulled) + tag)
 
 
 def list_tags(storage: Storage, repository: str) -> list[str]:
-    """The repository's tags, sorted (the registry's ``tags/list``)."""
-    prefix = tag_prefix(repository)
-    return sorted(
-        key[len(prefix) :] for key in storage.list(prefix) if "/" not in key[len(prefix) :]
-    )
+    """The repository's tags, both kinds, sorted (the registry's ``tags/list``)."""
+    found: set[str] = set()
+    for pulled in (False, True):
+        prefix = tag_prefix(repository, pulled)
+        found.update(k[len(prefix) :] for k in storage.list(prefix) if "/" not in k[len(prefix) :])
+    return sorted(found)
+
+
+def record_result(storage: Storage, result: BuildResult) -> bool:
+    """Write ``builds/<key>``; a failure never replaces a stored success (another builder
+    of the same key may have finished first). False when a success was kept."""
+    path = build_key_path(result.buildKey)
+    keep = _is_success if not result.ok else (lambda _current: False)
+    return storage.write_unless(path, result.to_json(), keep)
+
+
+def _is_success(raw: bytes) -> bool:
+    try:
+        return BuildResult.from_json(raw).ok
+    except ValueError:
+        return False
 
 
 def cached_result(storage: Storage, key: str) -> BuildResult | None:
@@ -72,7 +96,9 @@ def cached_result(storage: Storage, key: str) -> BuildResult | None:
     return result
 
 
-def record_tag(storage: Storage, repository: str, tag: str, result: BuildResult) -> None:
+def record_tag(
+    storage: Storage, repository: str, tag: str, result: BuildResult, pulled: bool = False
+) -> None:
     """Point ``repository:tag`` at the result's manifest (after all its blobs exist).
 
     Then touches every blob of the image (rule W4 of ``gc``): if a gc removed one since the
@@ -81,7 +107,7 @@ def record_tag(storage: Storage, repository: str, tag: str, result: BuildResult)
     """
     if not result.ok or result.manifestDigest is None:
         raise InvalidInput("cannot tag a failed build")
-    path = tag_path(repository, tag)
+    path = tag_path(repository, tag, pulled)
     previous = storage.read(path)
     storage.write(path, result.manifestDigest.encode())
     gc.checkpoint("build.tagged", key=path)
@@ -122,6 +148,12 @@ def _put_back(storage: Storage, path: str, previous: bytes | None) -> None:
     storage.delete(path)
 
 
-def read_tag(storage: Storage, repository: str, tag: str) -> Digest | None:
+def read_tag(
+    storage: Storage, repository: str, tag: str, with_pulls: bool = False
+) -> Digest | None:
+    """The digest ``repository:tag`` names: its own tag, or else, ``with_pulls`` (what the
+    registry's clients see), the tag an on-demand pull recorded."""
     raw = storage.read(tag_path(repository, tag))
+    if raw is None and with_pulls:
+        raw = storage.read(tag_path(repository, tag, pulled=True))
     return Digest.parse(raw.decode().strip()) if raw is not None else None

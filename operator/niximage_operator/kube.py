@@ -22,7 +22,7 @@ import pykube
 import pykube.exceptions
 import requests
 
-from niximage_core import __version__
+from niximage_core import __version__, kubetoken
 from niximage_operator import podspec
 
 JSON_PATCH = "application/json-patch+json"
@@ -59,6 +59,9 @@ class Kube:
         api = pykube.HTTPClient(config, timeout=timeout)
         # Audit logs (and the tests' RBAC check) tell our requests from kopf's by this.
         api.session.headers["User-Agent"] = USER_AGENT
+        path = kubetoken.token_file(config.user, from_service_account=config.filepath is None)
+        if path is not None:  # a projected token is replaced before it expires: follow it
+            api.session.auth = kubetoken.TokenFileAuth(path)
         return cls(api)
 
     def close(self) -> None:

@@ -231,7 +231,11 @@ async def _reconcile_target(
     # with that pod, which may already have finished.
     for _ in range(3):
         world = decisions.World(target, result, stored, pods, previous, ctx.clock())
-        decision = decisions.decide(world, ctx.settings.max_attempts, ctx.settings.retry_backoff)
+        decision = decisions.decide(
+            world,
+            ctx.settings.max_attempts,
+            lambda failed: ctx.settings.retry_backoff(failed, target.key),
+        )
         if not isinstance(decision, decisions.Start):
             return await _follow(ctx, body, target, old, decision)
         try:
@@ -239,7 +243,7 @@ async def _reconcile_target(
         except KubeError as exc:
             if exc.status not in REFUSED:
                 raise
-            delay = ctx.settings.retry_backoff(retry + 1)
+            delay = ctx.settings.retry_backoff(retry + 1, target.key)
             name = podspec.pod_name(target.key, decision.attempt)
             message = f"the API server refused builder pod {name}: {exc}; retrying in {delay:.0f} s"
             report = conditions.builder_rejected(message)
@@ -565,7 +569,7 @@ def _storage_trouble(
     ctx: Context, old: dict[str, Any], target: specs.Target, exc: Exception, retry: int
 ) -> Reconciled:
     settings = ctx.settings
-    delay = settings.storage_backoff(retry)
+    delay = settings.storage_backoff(retry, target.key)
     message = f"storage {settings.storage}: {exc}; retrying in {delay:.0f} s"
     if _ready_for(old, target):
         # Already Ready for this very spec: a storage blip is no reason to flap.

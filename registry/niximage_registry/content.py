@@ -231,7 +231,7 @@ class Content:
 
     def _read_tag(self, repository: str, tag: str) -> Digest | None:
         try:
-            return layout.read_tag(self.storage, repository, tag)
+            return layout.read_tag(self.storage, repository, tag, with_pulls=True)
         except InvalidInput:
             log.error("tag %s:%s in %s does not hold a digest", repository, tag, self.storage.url)
             return None
@@ -251,16 +251,18 @@ class Content:
         return await self.run(self._list_tags, repository, None)
 
     def _list_tags(self, repository: str, limit: int | None) -> list[str]:
-        """This repository's tags (``tags/<repository>/_tags/<tag>``, see ``layout.tag_path``)."""
+        """This repository's tags, its own and its pulls' (``layout.tag_path``); the first
+        ``limit`` found when given (whether it exists)."""
         if limit is None:
             return layout.list_tags(self.storage, repository)
-        prefix = layout.tag_prefix(repository)
         found: list[str] = []
-        for key in self.storage.list(prefix):
-            if "/" not in key[len(prefix) :]:
-                found.append(key[len(prefix) :])
-                if len(found) >= limit:
-                    break
+        for pulled in (False, True):
+            prefix = layout.tag_prefix(repository, pulled)
+            for key in self.storage.list(prefix):
+                if "/" not in key[len(prefix) :]:
+                    found.append(key[len(prefix) :])
+                    if len(found) >= limit:
+                        return found
         return found
 
     # what a repository serves

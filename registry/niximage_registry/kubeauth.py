@@ -30,6 +30,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
 
+from niximage_core import kubetoken
 from niximage_core.errors import InvalidInput, NixImageError
 
 log = logging.getLogger(__name__)
@@ -137,7 +138,11 @@ class Reviews:
             raise InvalidInput(
                 f"--auth-kubernetes: no in-cluster configuration and no usable kubeconfig ({exc})"
             ) from exc
-        return cls(_poster(pykube.HTTPClient(config, timeout=REQUEST_TIMEOUT)), ttl)
+        api = pykube.HTTPClient(config, timeout=REQUEST_TIMEOUT)
+        path = kubetoken.token_file(config.user, from_service_account=config.filepath is None)
+        if path is not None:  # a projected token is replaced before it expires: follow it
+            api.session.auth = kubetoken.TokenFileAuth(path)
+        return cls(_poster(api), ttl)
 
     def user(self, token: str) -> KubeUser | None:
         """The identity of a token the API server accepts, else None."""

@@ -2,7 +2,7 @@
 
 ``/v2/shell/git/htop/manifests/latest`` → ``names.parse_image_name`` → an image spec with
 the package source pinned at startup → the build function in a build thread →
-``tags/shell/git/htop/_tags/latest`` recorded (``layout.record_tag``) → served from storage
+``tags/_pulls/shell/git/htop/_tags/latest`` recorded (``layout.record_tag``) → served from storage
 like any stored tag.
 
 The registry never imports the build pipeline: the ``niximage`` command line hands it a
@@ -141,7 +141,7 @@ class OnDemand:
 
     async def _record_tag(self, name: str, tag: str, digest: Digest) -> None:
         if await self._content.tag(name, tag) != digest:
-            path = layout.tag_path(name, tag)
+            path = layout.tag_path(name, tag, pulled=True)
             await self._content.run(self._storage.write, path, str(digest).encode())
         self._content.remember_tag(name, tag, digest)
 
@@ -208,7 +208,7 @@ class OnDemand:
     def _build_and_tag(self, spec: imagespec.BuildTarget, name: str, tag: str) -> Digest:
         """Runs in a build thread: the whole pipeline, then the tag (after its blobs)."""
         result = self.settings.build(spec, self._storage, self._cancel)
-        layout.record_tag(self._storage, name, tag, result)
+        layout.record_tag(self._storage, name, tag, result, pulled=True)
         assert result.manifestDigest is not None
         return Digest.parse(result.manifestDigest)
 

@@ -57,8 +57,8 @@ def backdate(root: Path, seconds: float = 7200) -> None:
 
 @pytest.fixture(scope="session")
 def delete_preconditions(gcs_client: Any) -> bool:
-    """Whether the server honours ifGenerationMatch on DELETE (Google does; fake-gcs-server
-    before fsouza/fake-gcs-server#2343 does not)."""
+    """Whether the server honours ifMetagenerationMatch on DELETE, which gc's delete relies
+    on (Google does; fake-gcs-server does not)."""
     from google.api_core import exceptions
 
     name = f"probe-{uuid.uuid4().hex[:12]}"
@@ -66,7 +66,7 @@ def delete_preconditions(gcs_client: Any) -> bool:
     blob = gcs_client.bucket(name).blob("x")
     blob.upload_from_string(b"x")
     try:
-        blob.delete(if_generation_match=1)
+        blob.delete(if_metageneration_match=99)
     except exceptions.PreconditionFailed:
         return True
     except exceptions.NotFound:
@@ -77,7 +77,7 @@ def delete_preconditions(gcs_client: Any) -> bool:
 @pytest.fixture
 def gcs_atomic_delete(delete_preconditions: bool, monkeypatch: pytest.MonkeyPatch) -> bool:
     """On a server without DELETE preconditions, make touch and delete-if-stale exclusive in
-    this process (what ``ifGenerationMatch`` gives on Google's servers); True if shimmed."""
+    this process (what ``ifMetagenerationMatch`` gives on Google's servers); True if shimmed."""
     if delete_preconditions:
         return False
     from niximage_core.storage.gcs import GcsStorage

@@ -190,9 +190,9 @@ def test_delete_if_stale_keeps_fresh_blobs(store: Store) -> None:
 def test_touch_and_delete_are_atomic(store: Store, hooks: Any, no_gcs_shim: None) -> None:
     """A touch that lands while gc is between its check and its delete: either the touch
     waits and reports the blob missing (filesystem lock), or the delete fails (GCS
-    generation precondition). Never a touch that succeeded on a blob that then goes."""
+    metageneration precondition). Never a touch that succeeded on a blob that then goes."""
     if store.name == "gcs" and not _preconditions(store):
-        pytest.skip("this fake-gcs-server ignores ifGenerationMatch on DELETE (#1282)")
+        pytest.skip("this fake-gcs-server ignores ifMetagenerationMatch on DELETE")
     digest = store.storage.put_blob(blob_bytes("atomic"))
     store.age()
     gate = Gate("gc.delete-checked")
@@ -216,7 +216,7 @@ def _preconditions(store: Store) -> bool:
     blob = store.storage._blob("gc/probe")
     blob.upload_from_string(b"x")
     try:
-        blob.delete(if_generation_match=1)
+        blob.delete(if_metageneration_match=99)
     except exceptions.PreconditionFailed:
         return True
     return False

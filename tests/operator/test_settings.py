@@ -112,6 +112,11 @@ def test_backoffs_double_and_stop_at_the_cap(environment: pytest.MonkeyPatch) ->
     config = OperatorSettings(retry_delay=10, retry_max_delay=60, storage_retry_delay=5)
     assert [config.retry_backoff(n) for n in (1, 2, 3, 4)] == [10, 20, 40, 60]
     assert [config.storage_backoff(n) for n in (0, 1, 2, 5)] == [5, 10, 20, 60]
+    # Jittered by a seed (the build key): 80-100 % of the delay, fixed per seed and attempt.
+    jittered = [config.retry_backoff(2, f"key-{n}") for n in range(50)]
+    assert all(16 <= delay <= 20 for delay in jittered) and len(set(jittered)) > 40
+    assert config.retry_backoff(2, "key-1") == config.retry_backoff(2, "key-1")
+    assert 48 <= config.storage_backoff(5, "key") <= 60
 
 
 KEY = "cache.example.org-1:" + "B" * 43 + "="

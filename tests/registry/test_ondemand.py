@@ -88,7 +88,7 @@ async def test_twenty_first_pulls_run_one_build(make_client: Any, store: Any) ->
     digests = {r.headers["Docker-Content-Digest"] for r in responses}
     assert len(digests) == 1 and len(fake.calls) == 1
     assert "bashInteractive" in fake.calls[0] and "jq" in fake.calls[0]
-    stored = store.read(layout.tag_path("shell/jq", "latest")).decode()
+    stored = store.read(layout.tag_path("shell/jq", "latest", pulled=True)).decode()
     assert stored == digests.pop()
     again = await client.get("/v2/shell/jq/manifests/latest")
     assert again.status == 200 and len(fake.calls) == 1
@@ -105,9 +105,35 @@ async def test_names_sharing_a_build_key_get_their_own_tags(make_client: Any, st
         client.get("/v2/jq/bash/manifests/latest"), client.get("/v2/bash/jq/manifests/latest")
     )
     assert first.status == second.status == 200 and len(fake.calls) == 1
-    assert store.read(layout.tag_path("jq/bash", "latest")) == store.read(
-        layout.tag_path("bash/jq", "latest")
+    assert store.read(layout.tag_path("jq/bash", "latest", pulled=True)) == store.read(
+        layout.tag_path("bash/jq", "latest", pulled=True)
     )
+
+
+async def test_a_pull_never_claims_the_tag_of_a_nix_image(make_client: Any, store: Any) -> None:
+    """On-demand tags live apart (tags/_pulls/): a pull of team/app:latest before NixImage
+    app in namespace team is Ready leaves that NixImage's tag alone, and once the NixImage's
+    tag exists the registry serves it."""
+    fake = FakeBuild(delay=0.05)
+    client = await on_demand(make_client, fake)
+    pulled = await client.get("/v2/jq/bash/manifests/latest")  # packages jq and bash
+    assert pulled.status == 200
+    assert store.read(layout.tag_path("jq/bash", "latest")) is None  # the NixImage's space
+    other = manifest.Blob(manifest.OCI_CONFIG, b'{"nix-image": true}')
+    image = manifest.image_manifest(imagespec.make_spec(["jq"], SOURCE), other, [])
+    store.put_blob(other.data)
+    store.put_blob(image.data)
+    result = BuildResult(
+        buildKey="ab" * 32, spec={}, ok=True, manifestDigest=str(image.digest),
+        configDigest=str(other.digest), mediaType=image.media_type,
+    )  # fmt: skip
+    layout.record_tag(store, "jq/bash", "latest", result)  # what the operator writes
+    await asyncio.sleep(1.1)  # the registry's tag cache (1 s)
+    served = await client.get("/v2/jq/bash/manifests/latest")
+    assert served.headers["Docker-Content-Digest"] == str(image.digest)
+    assert store.read(layout.tag_path("jq/bash", "latest", pulled=True)) is not None
+    listed = await (await client.get("/v2/jq/bash/tags/list")).json()
+    assert listed["tags"] == ["latest"]
 
 
 async def test_missing_packages_are_404_naming_them(make_client: Any) -> None:

@@ -370,3 +370,32 @@ def test_listing_and_reads_ignore_temp_and_stray_objects(backend: Backend) -> No
         blob_key(kept),
         "tags/app/latest",
     ]
+
+
+def test_write_unless_keeps_what_keep_protects(storage: Any) -> None:
+    key = "builds/k"
+    assert storage.write_unless(key, b"first", lambda _current: False)
+    assert storage.read(key) == b"first"
+    assert not storage.write_unless(key, b"second", lambda current: current == b"first")
+    assert storage.read(key) == b"first"
+    assert storage.write_unless(key, b"third", lambda current: current == b"other")
+    assert storage.read(key) == b"third"
+
+
+def test_write_unless_never_loses_a_protected_value_to_a_racing_writer(storage: Any) -> None:
+    """Many writers at once, half of them protected values: once one is stored, none of the
+    unprotected writes replaces it (a build's success and its failures)."""
+    key = "builds/race"
+    start = threading.Barrier(8)
+
+    def writer(n: int) -> None:
+        start.wait()
+        value = b"success-%d" % n if n % 2 else b"failure-%d" % n
+        storage.write_unless(key, value, lambda current: current.startswith(b"success"))
+
+    threads = [threading.Thread(target=writer, args=(n,)) for n in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert storage.read(key).startswith(b"success")

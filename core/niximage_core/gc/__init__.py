@@ -33,11 +33,13 @@ backend, ``storage.base.Storage``), atomic with respect to each other:
 
 - *touch(d)* sets d's modification time to now, or answers "missing". Filesystem: ``utime``
   under a shared ``flock`` of the blob file, after checking that the path still names the
-  locked file. GCS: rewrite the object onto itself (a new generation, ``updated`` = now).
+  locked file. GCS: a metadata patch of ``customTime`` to now (a new metageneration; the
+  generation and the bytes stay, so a streamed read of the blob runs on).
 - *delete_if_stale(d, cutoff)* deletes d only if its mtime is older than ``cutoff``.
   Filesystem: exclusive ``flock``, check, rename into ``tmp/``, check that the renamed file is
-  the one checked (else put it back), unlink. GCS: read generation and ``updated``, then delete
-  with ``ifGenerationMatch``: a touch in between made a new generation, and the delete fails.
+  the one checked (else put it back), unlink. GCS: read generation, metageneration and the
+  times, then delete with ``ifGenerationMatch`` and ``ifMetagenerationMatch``: a touch in
+  between made a new metageneration, and the delete fails.
 
 Rules for writers (``build.py`` follows them):
 
@@ -89,7 +91,7 @@ Orderings of a build B and a gc G, and what makes each safe:
    deleted) before B touches it: B's touch says missing, B packs d again. The new file or
    object is fresh, and G's earlier check does not cover it (new inode, new generation).
 3. B touches d between G's check and G's delete: the primitives are atomic (the flock, the
-   generation precondition): d stays.
+   metageneration precondition): d stays.
 4. B touched d before G's check: d is fresh, and G spares it.
 5. B wrote or touched d more than the grace period ago and its lease expired or was never read
    (B paused): G may delete d. B's verify (W3), after the manifest is written and before
@@ -106,9 +108,9 @@ the repacking of step 5, and they keep a build's blobs out of ``--dry-run`` list
 
 Limits, said plainly:
 
-- GCS: the server must honour ``ifGenerationMatch`` on DELETE. Google Cloud Storage does;
-  fake-gcs-server before fsouza/fake-gcs-server#2343 ignores it, so there ordering 3 can lose
-  a blob touched in that window of one request. On such a server the tests skip the test of
+- GCS: the server must honour ``ifMetagenerationMatch`` on DELETE. Google Cloud Storage does;
+  fake-gcs-server ignores it (and keeps the metageneration on a patch), so there ordering 3
+  can lose a blob touched in that window of one request. On such a server the tests skip the test of
   the primitive and, elsewhere, make touch and delete exclusive in-process instead.
 - Filesystem: a blob file the builder may not ``utime`` (another user's) keeps its mtime, and
   claim 1 does not hold for it (only leases and verify protect it): run builders and gc as
@@ -118,8 +120,8 @@ Limits, said plainly:
   the longest single blob upload; a killed upload fails its build, it never becomes a blob.
 - Tag writers that bypass ``record_tag`` (the on-demand registry, tagging a result another
   request built a moment ago) rely on that build's verify being seconds old.
-- Touching on GCS makes a new object generation: a bucket with object versioning keeps the old
-  ones (give it a lifecycle rule for noncurrent versions).
+- GCS: ``customTime`` only moves forward, so a touch by a writer whose clock is behind one
+  that touched last is a no-op (assumption A bounds the difference).
 
 The package, one job a module (each imports only those above it):
 

@@ -7,6 +7,8 @@ Layout (both backends, docs/architecture.md#storage-layout):
     listings/<store path hash>  a requested package's tree, for the top layer (builder.listings)
     builds/<build key>          JSON build result
     tags/<repository>/_tags/<tag>  the manifest digest a tag points at (layout.tag_path)
+    tags/_pulls/<repository>/_tags/<tag>  the same, recorded by on-demand pulls
+    referrers/<subject>/<artifact>  an artifact (SBOM) about a manifest (niximage_core.referrers)
     owners/<ns>/<name>/<uid>/<tag>  which NixImage a tag is (niximage_operator.ownership)
     revisions/<repository>/_manifests/<hex>  manifests a repository was tagged with
     registry/readiness          never written: the registry's readiness probe reads it
@@ -19,7 +21,7 @@ own ``mediaType`` and every other blob is ``application/octet-stream``.
 from __future__ import annotations
 
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import BinaryIO, Protocol
@@ -151,6 +153,12 @@ class Storage(Protocol):
 
     def write(self, key: str, data: bytes) -> None:
         """Create or atomically replace a metadata object."""
+        ...
+
+    def write_unless(self, key: str, data: bytes, keep: Callable[[bytes], bool]) -> bool:
+        """Write ``data`` unless the object's current value satisfies ``keep``; False when
+        it was kept. Atomic with respect to other ``write_unless`` calls on the key: no
+        value ``keep`` protects is ever replaced (a build's success by a failure)."""
         ...
 
     def delete(self, key: str) -> None:

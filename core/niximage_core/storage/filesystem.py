@@ -35,7 +35,7 @@ import os
 import re
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import BinaryIO
 
@@ -167,6 +167,25 @@ class FilesystemStorage:
             tmp.publish(path, make_parent=lambda: _make_parent(path, key))
         finally:
             tmp.discard()
+
+    def write_unless(self, key: str, data: bytes, keep: Callable[[bytes], bool]) -> bool:
+        # Conditional writes of one directory's keys take turns under an exclusive flock
+        # of the directory (a top-level one such as builds/ is never pruned); a reader
+        # still sees the old or the new file, never a mix.
+        path = self.root / check_key(key)
+        _make_parent(path, key)
+        fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            current = self.read(key)
+            if current is not None and keep(current):
+                return False
+            self.write(key, data)
+            return True
+        except OSError as exc:
+            raise error("write", path, exc) from exc
+        finally:
+            os.close(fd)  # releases the lock
 
     def delete(self, key: str) -> None:
         path = self.root / check_key(key)

@@ -11,10 +11,13 @@ another writer published the same content first: a success. Every call goes thro
 ``Retry`` (backoff on 429/5xx and connection errors); library exceptions become
 ``StorageError`` (``gcs_errors``).
 
-The gc primitives (``base.Storage``'s gc part): ``touch_blob`` rewrites the object onto itself (a
-new generation, ``updated`` = now); ``delete_blob_if_stale`` reads generation and
-``updated``, then deletes with ``ifGenerationMatch``: a touch in between made a new
-generation, and the delete fails.
+The gc primitives (``base.Storage``'s gc part): ``touch_blob`` sets the object's
+``customTime`` to now with a metadata patch: a new *metageneration*, the same generation
+and bytes, so a streamed read pinned to the generation runs on, and a touch costs one
+request whatever the blob's size. ``delete_blob_if_stale`` reads generation,
+metageneration and the times, then deletes with ``ifGenerationMatch`` and
+``ifMetagenerationMatch``: a touch in between made a new metageneration, and the delete
+fails. A blob's mtime is the latest of ``customTime`` and ``updated``.
 
 Imports digest, errors, the storage interface, ``gcs_errors``, ``gcs_signing``,
 ``gcs_upload``, ``checkpoints`` (the test hook at the protocol's decision points) and the
@@ -24,13 +27,14 @@ Google libraries.
 from __future__ import annotations
 
 import contextlib
+import datetime
 import io
 import logging
 import os
 import re
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any, BinaryIO, cast
 
 import requests
@@ -64,7 +68,6 @@ _STREAM_POOL = 1024  # idle connections kept for blob reads (one per concurrent 
 _STREAM_TIMEOUT = (10, 60)  # connect, and between two bytes of a response (the library's 60)
 # A blob read's connection dropping mid-response (reopened at the offset reached).
 _STREAM_ERRORS = (urllib3.exceptions.HTTPError, requests.RequestException, ConnectionError)
-_TOUCH_KEY = "niximage-touched"  # the metadata a touch sets (a rewrite must change something)
 
 
 def retry_within(seconds: float) -> Retry:
@@ -91,6 +94,17 @@ def make_client(project: str | None = None) -> storage.Client:
             f"no usable Google Cloud credentials for GCS storage ({exc}); set "
             "GOOGLE_APPLICATION_CREDENTIALS or use workload identity"
         ) from exc
+
+
+CONDITIONAL_ATTEMPTS = 10
+"""Rounds of read-then-conditional-write before a key that keeps changing is an error."""
+
+
+def _mtime(blob: storage.Blob) -> float:
+    """When the blob was last written or touched: the later of ``customTime`` (our touch)
+    and ``updated`` (its creation, or any metadata change)."""
+    times = [t.timestamp() for t in (blob.custom_time, blob.updated) if t is not None]
+    return max(times, default=0.0)
 
 
 class GcsStorage:
@@ -176,11 +190,11 @@ class GcsStorage:
 
     def list_blobs(self) -> Iterator[tuple[Digest, int, float]]:
         prefix = self._names + "blobs/sha256/"
-        for blob in self._iter_objects(prefix, "items(name,size,updated),nextPageToken"):
+        fields = "items(name,size,updated,customTime),nextPageToken"
+        for blob in self._iter_objects(prefix, fields):
             hex_ = blob.name[len(prefix) :]
             if _HEX.fullmatch(hex_):
-                mtime = blob.updated.timestamp() if blob.updated else 0.0
-                yield Digest(hex_), int(blob.size or 0), mtime
+                yield Digest(hex_), int(blob.size or 0), _mtime(blob)
 
     def blob_delivery(self, digest: Digest, url_ttl: int | None) -> Redirect | None:
         """A redirect to a V4 signed URL when asked and the credentials can sign, else None
@@ -220,6 +234,39 @@ class GcsStorage:
         except LIBRARY_ERRORS as exc:
             fail(f"writing {self._where(key)}", exc)
 
+    def write_unless(self, key: str, data: bytes, keep: Callable[[bytes], bool]) -> bool:
+        # Read the object and its generation, then write only over that generation (0:
+        # only if it still does not exist); a writer in between makes us look again.
+        name = self._names + check_key(key)
+        for _ in range(CONDITIONAL_ATTEMPTS):
+            current = self._get(name)
+            generation = 0
+            if current is not None:
+                try:
+                    value = current.download_as_bytes(
+                        if_generation_match=current.generation, retry=self.retry
+                    )
+                except (api_exceptions.NotFound, api_exceptions.PreconditionFailed):
+                    continue  # replaced or deleted since we looked it up
+                except LIBRARY_ERRORS as exc:
+                    fail(f"reading {self._where(key)}", exc)
+                if keep(bytes(value)):
+                    return False
+                generation = current.generation
+            try:
+                self._blob(check_key(key)).upload_from_string(
+                    data,
+                    content_type="application/octet-stream",
+                    if_generation_match=generation,
+                    retry=self.retry,  # conditional: a retry cannot overwrite another writer
+                )
+                return True
+            except api_exceptions.PreconditionFailed:
+                continue
+            except LIBRARY_ERRORS as exc:
+                fail(f"writing {self._where(key)}", exc)
+        raise StorageError(f"{self._where(key)} kept changing while it was written")
+
     def delete(self, key: str) -> None:
         self._delete(self._blob(check_key(key)))
 
@@ -235,33 +282,38 @@ class GcsStorage:
     # garbage collection (the gc package doc has the protocol)
 
     def touch_blob(self, digest: Digest) -> int | None:
-        source = self._blob_for(digest)
-        target = self._blob_for(digest)
-        # A rewrite onto itself that changes metadata: allowed, atomic, a new generation.
-        target.metadata = {_TOUCH_KEY: f"{time.time():.3f}"}
-        target.content_type = "application/octet-stream"
-        token: str | None = None
+        blob = self._blob_for(digest)
+        blob.custom_time = datetime.datetime.now(datetime.UTC)
         try:
-            while True:
-                token, _done, size = target.rewrite(source, token=token, retry=self.retry)
-                if token is None:
-                    return int(target.size if target.size is not None else size)
+            # Only customTime goes in the PATCH; the answer is the whole resource (size).
+            blob.patch(retry=self.retry)
         except api_exceptions.NotFound:
             return None
+        except api_exceptions.BadRequest:
+            # customTime never goes back: another writer, whose clock is ahead, touched it
+            # later than our now. Touched it is; its size is what we need.
+            found = self._get(blob.name)
+            return int(found.size or 0) if found is not None else None
         except LIBRARY_ERRORS as exc:
             fail(f"touching {self._where(blob_key(digest))}", exc)
+        return int(blob.size or 0)
 
     def delete_blob_if_stale(self, digest: Digest, cutoff: float) -> str:
         name = self._blob_for(digest).name
         blob = self._get(name)
         if blob is None:
             return "missing"
-        if blob.updated is None or blob.updated.timestamp() >= cutoff:
+        if _mtime(blob) >= cutoff:
             return "fresh"
         checkpoint("gc.delete-checked", digest=digest)
         try:
-            # Only this generation: a touch since our read made a new one, and this fails.
-            blob.delete(if_generation_match=blob.generation, retry=self.retry)
+            # Only this generation and metageneration: a touch since our read made a new
+            # metageneration (a rewrite a new generation), and this fails.
+            blob.delete(
+                if_generation_match=blob.generation,
+                if_metageneration_match=blob.metageneration,
+                retry=self.retry,
+            )
         except api_exceptions.PreconditionFailed:
             return "fresh"
         except api_exceptions.NotFound:
@@ -272,9 +324,7 @@ class GcsStorage:
 
     def blob_mtime(self, digest: Digest) -> float | None:
         blob = self._get(self._blob_for(digest).name)
-        if blob is None:
-            return None
-        return blob.updated.timestamp() if blob.updated else 0.0
+        return _mtime(blob) if blob is not None else None
 
     def recover_trash(self, cutoff: float) -> int:
         """Nothing to recover: a deletion is one request, never left half done."""
