@@ -52,7 +52,11 @@ def builder_pods(*, body: kopf.Body, **_: Any) -> dict[Any, Any]:
 
 @kopf.index(*NIXIMAGES)
 def images_by_key(*, body: kopf.Body, memo: Any, **_: Any) -> dict[Any, Any]:
-    """NixImages by (namespace, build key), for the pod handler's fan-out."""
+    """NixImages by (namespace, build key), for the pod handler's fan-out. Called for every
+    NixImage the watch shows, it also keeps the followed ones for the follow loop
+    (running.py; ``forget`` drops the deleted): a handler of its own would cost a call and
+    a log line per event, and a kopf timer would put a finalizer on them."""
+    reconciling.track_followed(memo.context, body, deleted=False)
     return reconciling.index_image(body, memo.context.package_sources)
 
 
@@ -86,14 +90,6 @@ async def reconcile(
         raise kopf.TemporaryError(outcome.retry_message, delay=outcome.retry_after)
 
 
-@kopf.on.event(*NIXIMAGES)
-async def track_followed(*, type: str, body: kopf.Body, memo: Any, **_: Any) -> None:
-    """The NixImages with ``spec.follow`` on, for the operator's follow loop (running.py):
-    a kopf timer would put a finalizer on them, and deleting a NixImage never waits for
-    the operator."""
-    reconciling.track_followed(memo.context, body, type == "DELETED")
-
-
 def _report(body: kopf.Body, patch: kopf.Patch, memo: Any, outcome: reconciling.Reconciled) -> None:
     for name, value in outcome.status.items():
         patch.status[name] = value
@@ -110,6 +106,7 @@ def _deleted(*, type: str, **_: Any) -> bool:
 
 @kopf.on.event(*NIXIMAGES, when=_deleted)
 async def forget(*, body: kopf.Body, memo: Any, logger: Any, **_: Any) -> None:
+    reconciling.track_followed(memo.context, body, deleted=True)
     try:
         await reconciling.forget(memo.context, body)
     except NixImageError as exc:  # the next sweep removes it
