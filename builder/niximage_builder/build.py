@@ -211,7 +211,7 @@ def assemble(
     small = [config, image]
     # The same image has the same SBOM (the closure and the source decide both): an earlier
     # build's is kept, in the lease, once its blobs are touched; else it is written anew.
-    about = _stored_sbom(storage, image.digest)
+    about = inspection.stored_sbom(storage, image.digest)
     named = [Digest.parse(d) for d in (about.manifestDigest, *about.blobs)] if about else []
     if lease is not None:
         lease.add(*(blob.digest for blob in small), *named)
@@ -269,24 +269,6 @@ def _sbom(
         blobs=[str(empty.digest), str(document.digest)],
     )
     return about, [empty, document, artifact]
-
-
-def _stored_sbom(storage: Storage, subject: Digest) -> Referrer | None:
-    """The SBOM an earlier build linked to this image, if its artifact manifest reads."""
-    for descriptor in referrers.listed(storage, subject):
-        if descriptor.get("artifactType") != inspection.SBOM_TYPE:
-            continue
-        try:
-            artifact = inspection.read_json(storage, Digest.parse(str(descriptor["digest"])))
-            blobs = [artifact["config"]["digest"], *(d["digest"] for d in artifact["layers"])]
-            return Referrer(
-                artifactType=inspection.SBOM_TYPE,
-                manifestDigest=str(descriptor["digest"]),
-                blobs=[str(Digest.parse(str(d))) for d in blobs],
-            )
-        except (NixImageError, KeyError, TypeError):
-            continue  # gone or damaged: written anew
-    return None
 
 
 def _secure(

@@ -13,8 +13,9 @@ from typing import Any
 
 from niximage_core import closurediff, layout, manifest, referrers
 from niximage_core.digest import Digest
-from niximage_core.errors import InvalidInput, NotFound, StorageError
+from niximage_core.errors import InvalidInput, NixImageError, NotFound, StorageError
 from niximage_core.reference import ImageRef
+from niximage_core.result import Referrer
 from niximage_core.storage.base import Storage
 
 SBOM_TYPE = closurediff.SBOM_TYPE
@@ -70,19 +71,34 @@ def platform_image(storage: Storage, digest: Digest, arch: str | None = None) ->
     return Digest.parse(entries[chosen])
 
 
+def stored_sbom(storage: Storage, image: Digest) -> Referrer | None:
+    """The SBOM artifact linked to the image (its manifest and blobs, the document last), or
+    None when there is none or its artifact manifest is gone or damaged."""
+    for descriptor in referrers.listed(storage, image):
+        if descriptor.get("artifactType") != SBOM_TYPE:
+            continue
+        try:
+            artifact = read_json(storage, Digest.parse(str(descriptor["digest"])))
+            blobs = [artifact["config"]["digest"], *(d["digest"] for d in artifact["layers"])]
+            return Referrer(
+                artifactType=SBOM_TYPE,
+                manifestDigest=str(descriptor["digest"]),
+                blobs=[str(Digest.parse(str(d))) for d in blobs],
+            )
+        except (NixImageError, KeyError, TypeError):
+            continue
+    return None
+
+
 def sbom_digest(storage: Storage, image: Digest) -> Digest:
-    """The blob of the image's SBOM, found through its referrers."""
-    found = [d for d in referrers.listed(storage, image) if d.get("artifactType") == SBOM_TYPE]
-    if not found:
+    """The blob of the image's SBOM document, found through its referrers."""
+    found = stored_sbom(storage, image)
+    if found is None or len(found.blobs) < 2:
         raise NotFound(
             f"image {image} has no SBOM in {storage.url} (built before niximage wrote them: "
             "build it again with --rebuild)"
         )
-    artifact = read_json(storage, Digest.parse(str(found[0]["digest"])))
-    layers = artifact.get("layers") or []
-    if not layers or not isinstance(layers[0], dict):
-        raise StorageError(f"the SBOM artifact {found[0]['digest']} names no document")
-    return Digest.parse(str(layers[0].get("digest")))
+    return Digest.parse(found.blobs[-1])
 
 
 def sbom(storage: Storage, image: Digest) -> dict[str, Any]:

@@ -13,6 +13,8 @@ without importing it. The layout (docs/architecture.md#storage-layout):
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 from niximage_core import gc, reference
 from niximage_core.digest import Digest
 from niximage_core.errors import InvalidInput, StorageError
@@ -49,13 +51,19 @@ def tag_path(repository: str, tag: str, pulled: bool = False) -> str:
     return check_key(tag_prefix(repository, pulled) + tag)
 
 
-def list_tags(storage: Storage, repository: str) -> list[str]:
-    """The repository's tags, both kinds, sorted (the registry's ``tags/list``)."""
-    found: set[str] = set()
+def iter_tags(storage: Storage, repository: str) -> Iterator[str]:
+    """The repository's tags as storage lists them: its own, then its pulls' (a tag in
+    both comes twice)."""
     for pulled in (False, True):
         prefix = tag_prefix(repository, pulled)
-        found.update(k[len(prefix) :] for k in storage.list(prefix) if "/" not in k[len(prefix) :])
-    return sorted(found)
+        for key in storage.list(prefix):
+            if "/" not in key[len(prefix) :]:
+                yield key[len(prefix) :]
+
+
+def list_tags(storage: Storage, repository: str) -> list[str]:
+    """The repository's tags, both kinds, sorted (the registry's ``tags/list``)."""
+    return sorted(set(iter_tags(storage, repository)))
 
 
 def record_result(storage: Storage, result: BuildResult) -> bool:

@@ -24,6 +24,7 @@ import requests
 
 from niximage_core import __version__, kubetoken
 from niximage_operator import podspec
+from niximage_operator.observations import format_time
 
 JSON_PATCH = "application/json-patch+json"
 MERGE_PATCH = "application/merge-patch+json"
@@ -189,7 +190,7 @@ class Kube:
         that comes from the operator's own loops rather than from a handler."""
         metadata = involved.get("metadata") or {}
         namespace = metadata.get("namespace")
-        now = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+        now = format_time(datetime.now(UTC))
         event = {
             "apiVersion": "v1",
             "kind": "Event",

@@ -23,6 +23,7 @@ pull (a kubelet asks for the same manifest by tag and then by digest, nodes pull
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import os
 import time
@@ -251,19 +252,11 @@ class Content:
         return await self.run(self._list_tags, repository, None)
 
     def _list_tags(self, repository: str, limit: int | None) -> list[str]:
-        """This repository's tags, its own and its pulls' (``layout.tag_path``); the first
-        ``limit`` found when given (whether it exists)."""
+        """This repository's tags (``layout.iter_tags``): all, sorted; or the first ``limit``
+        storage lists (whether it exists)."""
         if limit is None:
             return layout.list_tags(self.storage, repository)
-        found: list[str] = []
-        for pulled in (False, True):
-            prefix = layout.tag_prefix(repository, pulled)
-            for key in self.storage.list(prefix):
-                if "/" not in key[len(prefix) :]:
-                    found.append(key[len(prefix) :])
-                    if len(found) >= limit:
-                        return found
-        return found
+        return list(itertools.islice(layout.iter_tags(self.storage, repository), limit))
 
     # what a repository serves
 
